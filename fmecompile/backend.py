@@ -1,0 +1,71 @@
+"""The `fme` backend of torch.compile: `torch.compile(model, backend="fme", options={...})`.
+
+torch finds it through the `torch_dynamo_backends` entry point in setup.py, so it works in
+an interpreter that never imported fmecompile (and it is not registered a second time
+here: dynamo asserts on a duplicate name).
+
+Dynamo hands over a torch-level graph whose shapes may be symbolic (after a recompile for
+a second shape). The passes plan chunk sizes from concrete shapes, so the returned
+callable specializes: on the first call with each distinct set of input shapes it lowers
+the graph to the canonical IR with those shapes, runs the passes and keeps the result.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Callable, Hashable, Sequence
+
+import torch
+import torch.fx as fx
+
+from .capture import capture_dynamo, dynamo_input_roles
+from .config import Config
+from .errors import ConfigError
+from fmecompile.passes import run_passes
+from fmecompile.passes.manager import check_passes_available
+
+log = logging.getLogger("fmecompile")
+
+
+def fme_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: dict | None = None,
+                **unsupported: Any) -> Callable[..., Any]:
+    if unsupported:
+        raise ConfigError(
+            f"the fme backend takes options={{...}} only, not {sorted(unsupported)}; valid "
+            f"options are the fields of fmecompile.Config"
+        )
+    config = Config.from_options(options)
+    check_passes_available(config)
+    return SpecializingGraph(gm, config)
+
+
+class SpecializingGraph:
+    """Runs a dynamo graph through one compiled program per distinct input signature."""
+
+    def __init__(self, gm: fx.GraphModule, config: Config) -> None:
+        self.gm = gm
+        self.roles = dynamo_input_roles(gm)
+        self.config = config
+        self.programs: dict[Hashable, fx.GraphModule] = {}
+        self.reports: dict[Hashable, dict] = {}
+
+    @torch._dynamo.disable
+    def __call__(self, *args: Any) -> Any:
+        key = tuple(
+            (tuple(a.shape), a.dtype, a.device) if isinstance(a, torch.Tensor) else (type(a), a)
+            for a in args
+        )
+        program = self.programs.get(key)
+        if program is None:
+            program = self._compile(args, key)
+        return program(*args)
+
+    def _compile(self, args: Sequence[Any], key: Hashable) -> fx.GraphModule:
+        start = time.perf_counter()
+        canonical = capture_dynamo(self.gm, self.roles, args)
+        program, report = run_passes(canonical, self.config)
+        self.programs[key] = program
+        self.reports[key] = report
+        log.info("fme backend: compiled a graph of %d nodes in %.1fs; report %s",
+                 len(program.graph.nodes), time.perf_counter() - start, report)
+        return program

@@ -1,0 +1,223 @@
+"""Side-by-side measurement of stock eager and compiled variants of one model, on the same
+inputs in the same process: activation peak, reserved and device memory, latency, compile
+time, and error against stock. Used by `fme demo`, `fme bench` and benchmarks/.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import math
+import platform
+import statistics
+import subprocess
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.utils._pytree as pytree
+
+from . import __version__, zoo
+from .compiled import CompiledModule, capture, split_method
+from .config import Config
+from .meters import MemoryReading, measure_memory, time_call
+
+log = logging.getLogger("fmecompile")
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass
+class Variant:
+    """One column of a comparison: stock eager (config None) or a compiled config."""
+
+    label: str
+    config: Config | None
+
+
+@dataclass
+class Row:
+    label: str
+    passes: list[str] | None
+    activation_peak: int
+    reserved_peak: int | None
+    device_used: int | None
+    latency_ms: float
+    latencies_ms: list[float]
+    compile_s: float | None
+    rel_l2: float | None
+    max_abs: float | None
+    report: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Case:
+    """The model and inputs of a comparison."""
+
+    model: str
+    batch: int
+    frames: int
+    height: int
+    width: int
+    dtype: str
+    device: str
+    seed: int = 0
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+
+def compare(case: Case, variants: Sequence[Variant], repeats: int = 3, warmup: int = 1) -> dict[str, Any]:
+    """Measures every variant on the same model and inputs; returns the JSON-ready result."""
+    log.info("building %s (%s, %s) with seed %d", case.model, case.dtype, case.device, case.seed)
+    model = zoo.build_model(case.model, dtype=case.torch_dtype, device=case.device, seed=case.seed)
+    inputs = zoo.example_inputs(case.model, batch=case.batch, frames=case.frames, height=case.height,
+                                width=case.width, dtype=case.torch_dtype, device=case.device,
+                                seed=case.seed)
+    target = zoo.compile_target(case.model, model)
+    module, method = split_method(target)
+    log.info("%s: %.3g M parameters, inputs %s", case.model, zoo.parameter_count(model) / 1e6,
+             {k: tuple(v.shape) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()})
+
+    rows: list[Row] = []
+    reference = None
+    captured = None
+    for variant in variants:
+        if variant.config is None:
+            fn: Callable[[], Any] = lambda: target(**inputs)
+            compile_s, report = None, {}
+        else:
+            compiled = CompiledModule(module, variant.config, method)
+            named = compiled.bind((), inputs)
+            if captured is None:  # one capture serves every config
+                captured = capture(module, method, named)
+            compiled.add_program(captured, named)
+            fn = lambda compiled=compiled: compiled(**inputs)
+            compile_s, report = compiled.compile_seconds, compiled.report
+        log.info("measuring %s", variant.label)
+        with torch.inference_mode():
+            out, memory = measure_memory(fn, case.device)
+            times = time_call(fn, case.device, repeats=repeats, warmup=warmup,
+                              on_step=lambda i, n: log.info("  %s: timed run %d/%d", variant.label, i, n))
+        if reference is None:
+            reference = out
+        rel_l2, max_abs = output_error(out, reference)
+        rows.append(_row(variant, memory, times, compile_s, rel_l2, max_abs, report))
+        del out
+    return {
+        "case": asdict(case),
+        "repeats": repeats,
+        "warmup": warmup,
+        "rows": [asdict(r) for r in rows],
+        "environment": environment(case.device),
+    }
+
+
+def _row(variant: Variant, memory: MemoryReading, times: list[float], compile_s: float | None,
+         rel_l2: float, max_abs: float, report: dict) -> Row:
+    return Row(
+        label=variant.label,
+        passes=list(variant.config.passes) if variant.config is not None else None,
+        activation_peak=memory.activation_peak,
+        reserved_peak=memory.reserved_peak,
+        device_used=memory.device_used,
+        latency_ms=statistics.median(times) * 1e3,
+        latencies_ms=[t * 1e3 for t in times],
+        compile_s=compile_s,
+        rel_l2=rel_l2,
+        max_abs=max_abs,
+        report=report,
+    )
+
+
+def output_error(out: Any, reference: Any) -> tuple[float, float]:
+    """Relative L2 error and max absolute error over all tensors of two outputs (fp64)."""
+    got = [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+    want = [t for t in pytree.tree_leaves(reference) if isinstance(t, torch.Tensor)]
+    if len(got) != len(want) or any(a.shape != b.shape for a, b in zip(got, want)):
+        raise AssertionError("outputs differ in structure or shape from the reference")
+    diff = sum(float((a.double() - b.double()).pow(2).sum()) for a, b in zip(got, want))
+    norm = sum(float(b.double().pow(2).sum()) for b in want)
+    max_abs = max((float((a.double() - b.double()).abs().max()) for a, b in zip(got, want)), default=0.0)
+    rel = math.sqrt(diff) / math.sqrt(norm) if norm > 0 else math.sqrt(diff)
+    return rel, max_abs
+
+
+def environment(device: str) -> dict[str, Any]:
+    import diffusers
+
+    env = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "fmecompile": __version__,
+        "git_commit": _git_commit(),
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+    }
+    try:
+        import triton
+
+        env["triton"] = triton.__version__
+    except ImportError:
+        env["triton"] = None
+    if torch.device(device).type == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(torch.device(device))
+        env["cuda"] = torch.version.cuda
+    return env
+
+
+def _git_commit() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent, timeout=5).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+# --- presentation ----------------------------------------------------------------------
+
+def format_bytes(n: int | None) -> str:
+    if n is None:
+        return "-"
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{n} B"
+
+
+def format_table(result: dict[str, Any]) -> str:
+    rows = result["rows"]
+    stock = next((r for r in rows if r["passes"] is None), rows[0])
+    header = ["variant", "act. peak", "vs stock", "reserved", "NVML used", "latency ms", "vs stock",
+              "compile s", "rel L2", "max abs"]
+    lines = []
+    for r in rows:
+        lines.append([
+            r["label"],
+            format_bytes(r["activation_peak"]),
+            f"{r['activation_peak'] / stock['activation_peak']:.3f}x" if stock["activation_peak"] else "-",
+            format_bytes(r["reserved_peak"]),
+            format_bytes(r["device_used"]),
+            f"{r['latency_ms']:.1f}",
+            f"{r['latency_ms'] / stock['latency_ms']:.3f}x",
+            "-" if r["compile_s"] is None else f"{r['compile_s']:.1f}",
+            f"{r['rel_l2']:.2e}",
+            f"{r['max_abs']:.2e}",
+        ])
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *lines)]
+    fmt = lambda cells: "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |"
+    case = result["case"]
+    title = (f"{case['model']}: batch {case['batch']}, {case['frames']} frames, "
+             f"{case['height']}x{case['width']}, {case['dtype']}, {case['device']}")
+    return "\n".join([title, fmt(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
+                     + [fmt(line) for line in lines])
+
+
+def write_json(result: dict[str, Any], path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    return path

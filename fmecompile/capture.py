@@ -1,0 +1,235 @@
+"""Capture: a module (through torch.export) or a dynamo graph (through make_fx) becomes the
+canonical IR that every pass reads and writes.
+
+The canonical IR is an aten-level `torch.fx.GraphModule` (pre-dispatch aten: `aten.conv2d`,
+`aten.group_norm`, `aten.scaled_dot_product_attention`, views) in which
+  - every placeholder carries `meta["fme_input"]`, a `GraphInput` naming what it is
+    (a parameter or buffer by its dotted module path, a lifted constant, or a user input);
+  - every computing node carries a FakeTensor in `meta["val"]` with concrete shapes;
+  - every node carries `meta["nn_module_stack"]`, normalized to an ordered mapping
+    {dotted module path: (dotted module path, class qualname)} from outermost to innermost
+    (the root module left out), whichever entry point captured it.
+Asserts and eval-mode dropouts are removed: they compute nothing and would pin full shapes
+into chunked regions.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+import torch.fx as fx
+from torch.export.graph_signature import InputKind, OutputKind
+from torch.fx.experimental.proxy_tensor import make_fx
+
+from .errors import CaptureError
+
+aten = torch.ops.aten
+
+
+@dataclass(frozen=True)
+class GraphInput:
+    """What a placeholder of the canonical graph stands for.
+
+    kind: "parameter" or "buffer" (name: dotted path in the module), "constant" (a tensor
+    the model holds outside its state dict; name: export's constant name or dynamo's
+    source), or "user" (name: the argument, dotted into nested containers).
+    """
+
+    kind: str
+    name: str
+
+
+def placeholders(gm: fx.GraphModule) -> list[fx.Node]:
+    return [n for n in gm.graph.nodes if n.op == "placeholder"]
+
+
+def graph_inputs(gm: fx.GraphModule) -> list[GraphInput]:
+    return [n.meta["fme_input"] for n in placeholders(gm)]
+
+
+def module_path(node: fx.Node) -> str:
+    """Dotted path of the innermost module the node came from ('' for the root)."""
+    stack = node.meta.get("nn_module_stack") or {}
+    return next(reversed(stack), "") if stack else ""
+
+
+# --- torch.export ----------------------------------------------------------------------
+
+_EXPORT_KINDS = {
+    InputKind.PARAMETER: "parameter",
+    InputKind.BUFFER: "buffer",
+    InputKind.CONSTANT_TENSOR: "constant",
+    InputKind.USER_INPUT: "user",
+}
+
+
+def capture_export(module: torch.nn.Module, kwargs: dict[str, Any],
+                   strip_prefix: str = "") -> torch.export.ExportedProgram:
+    """Exports `module(**kwargs)` and canonicalizes the program's graph in place.
+
+    `strip_prefix` is taken off parameter names and module paths: the compiled entry point
+    wraps the user's module, and paths stay relative to the user's module.
+    """
+    try:
+        program = torch.export.export(module, (), kwargs)
+    except Exception as err:  # the model's own code rejected the inputs, or export failed
+        raise CaptureError(
+            f"torch.export could not capture {type(module).__name__} for inputs "
+            f"{describe_inputs(kwargs)}: {first_line(err)}. Check that the inputs fit the "
+            "model (fmecompile.zoo.example_inputs shows the expected shapes) and that the "
+            "model runs eagerly with them."
+        ) from err
+    signature = program.graph_signature
+    if any(spec.kind != OutputKind.USER_OUTPUT for spec in signature.output_specs):
+        raise CaptureError(
+            f"{type(module).__name__} mutates its buffers or inputs during the call; "
+            "fmecompile compiles inference graphs without side effects. Put the model in "
+            "eval() mode and avoid in-place updates of its state."
+        )
+    roles = []
+    for spec in signature.input_specs:
+        kind = _EXPORT_KINDS.get(spec.kind)
+        if kind is None:
+            raise CaptureError(f"unsupported exported input kind {spec.kind} for {spec.arg}")
+        if kind == "user":
+            name = spec.arg.name
+        elif kind == "constant":
+            name = spec.target  # the key of ExportedProgram.constants
+        else:
+            name = spec.target.removeprefix(strip_prefix)
+        roles.append(GraphInput(kind, name))
+    canonicalize(program.graph_module, roles, strip_prefix)
+    return program
+
+
+# --- dynamo ----------------------------------------------------------------------------
+
+def dynamo_input_roles(gm: fx.GraphModule) -> list[GraphInput]:
+    """What each placeholder of a dynamo graph is. Read it when the backend receives the
+    graph: dynamo drops the placeholders' `grapharg` metadata after compilation."""
+    return [_dynamo_input_role(n) for n in placeholders(gm)]
+
+
+def capture_dynamo(gm: fx.GraphModule, roles: Sequence[GraphInput], inputs: Sequence[Any]) -> fx.GraphModule:
+    """Lowers the torch-level graph dynamo hands a backend to the canonical IR.
+
+    `inputs` are the concrete values of this call (tensors and ints); tracing runs on fake
+    copies of them, so nothing is computed and no memory is allocated on the device.
+    """
+    try:
+        with torch.fx.traceback.preserve_node_meta():
+            lowered = make_fx(fx.Interpreter(gm).run, pre_dispatch=True, tracing_mode="fake")(*inputs)
+    except Exception as err:
+        raise CaptureError(
+            f"could not lower the dynamo graph to aten for inputs {describe_inputs(inputs)}: "
+            f"{first_line(err)}"
+        ) from err
+    canonicalize(lowered, roles)
+    return lowered
+
+
+# Tokens of a dynamo source: ['name'], [0], .name or .0, and the leading local (L, G).
+_SOURCE_TOKEN = re.compile(r"\[\s*'([^']*)'\s*\]|\[\s*(\d+)\s*\]|\.(\w+)|^([A-Za-z_]\w*)")
+_CONTAINER_TOKENS = {"__dict__", "_modules", "_parameters", "_buffers"}
+
+
+def _source_tokens(source: str) -> list[str]:
+    return [next(g for g in m.groups() if g is not None) for m in _SOURCE_TOKEN.finditer(source)]
+
+
+def dotted_path(source: str) -> str:
+    """"L['self'].__dict__['_modules']['conv_in']._parameters['weight']" -> "conv_in.weight"."""
+    tokens = _source_tokens(source)
+    if tokens[:2] == ["L", "self"]:
+        tokens = tokens[2:]
+    elif tokens[:1] == ["L"]:
+        tokens = tokens[1:]
+    return ".".join(t for t in tokens if t not in _CONTAINER_TOKENS)
+
+
+def _dynamo_input_role(node: fx.Node) -> GraphInput:
+    grapharg = node.meta.get("grapharg")
+    source = grapharg.source.name if grapharg is not None and grapharg.source is not None else node.name
+    tokens = _source_tokens(source)
+    if "_parameters" in tokens:
+        return GraphInput("parameter", dotted_path(source))
+    if "_buffers" in tokens:
+        return GraphInput("buffer", dotted_path(source))
+    if tokens[:2] == ["L", "self"] or tokens[:1] == ["G"]:
+        return GraphInput("constant", source)
+    # Inputs reached through a wrapper's **kwargs (hooks, decorators) read L['kwargs']['x'].
+    return GraphInput("user", dotted_path(source).removeprefix("kwargs."))
+
+
+# --- canonical form ------------------------------------------------------------------
+
+def canonicalize(gm: fx.GraphModule, roles: Sequence[GraphInput], strip_prefix: str = "") -> None:
+    """Puts a freshly captured aten graph into canonical form, in place."""
+    nodes = placeholders(gm)
+    if len(nodes) != len(roles):
+        raise CaptureError(f"captured graph has {len(nodes)} inputs but {len(roles)} roles")
+    for node, role in zip(nodes, roles):
+        node.meta["fme_input"] = role
+    for node in gm.graph.nodes:
+        stack = node.meta.get("nn_module_stack")
+        node.meta["nn_module_stack"] = _normalize_module_stack(stack, strip_prefix)
+    _remove_no_ops(gm.graph)
+    gm.graph.eliminate_dead_code(is_impure_node=_is_impure)
+    missing = [n.name for n in gm.graph.nodes if n.op == "call_function" and "val" not in n.meta]
+    if missing:
+        raise CaptureError(f"captured nodes without shape metadata: {missing[:5]}")
+    gm.graph.lint()
+    gm.recompile()
+
+
+def _normalize_module_stack(stack: dict | None, strip_prefix: str) -> dict[str, tuple[str, str]]:
+    normalized: dict[str, tuple[str, str]] = {}
+    for path, cls in (stack or {}).values():
+        path = dotted_path(path) if ("[" in path or path.startswith("L")) else path
+        if strip_prefix:  # "module.l" -> "l", and "module" itself -> "" (the root)
+            path = (path + ".").removeprefix(strip_prefix)[:-1]
+        if not path:
+            continue  # the root module itself
+        qualname = cls if isinstance(cls, str) else f"{cls.__module__}.{cls.__qualname__}"
+        normalized[path] = (path, qualname)
+    return normalized
+
+
+def _remove_no_ops(graph: fx.Graph) -> None:
+    for node in list(graph.nodes):
+        if node.op != "call_function":
+            continue
+        if node.target is aten._assert_tensor_metadata.default:
+            graph.erase_node(node)
+        elif node.target is aten.dropout.default and (node.args[2] is False or node.args[1] == 0):
+            node.replace_all_uses_with(node.args[0])
+            graph.erase_node(node)
+
+
+def _is_impure(node: fx.Node) -> bool:
+    # Placeholders stay even when unused: the graph's signature is the module's.
+    return node.op in ("placeholder", "output") or node.is_impure()
+
+
+# --- messages --------------------------------------------------------------------------
+
+def describe_inputs(values: Any) -> str:
+    """Short text of the shapes and values of some inputs, for error messages."""
+    def one(v: Any) -> str:
+        if isinstance(v, torch.Tensor):
+            return f"Tensor{tuple(v.shape)}:{str(v.dtype).removeprefix('torch.')}"
+        if isinstance(v, dict):
+            return "{" + ", ".join(f"{k}={one(x)}" for k, x in v.items()) + "}"
+        if isinstance(v, (list, tuple)):
+            return "(" + ", ".join(one(x) for x in v) + ")"
+        return repr(v)
+
+    return one(values)
+
+
+def first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0] if text else ''}"
+

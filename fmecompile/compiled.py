@@ -1,0 +1,248 @@
+"""The ahead-of-time path: `compile(module, args, kwargs, config) -> CompiledModule`.
+
+A `CompiledModule` is a drop-in replacement for the module (or bound method, such as
+`vae.decode`) it was compiled from: same call signature, same return type. It holds the
+original module, so weights are always the module's current ones, and one compiled
+`Program` per input signature (shapes, dtypes, devices, non-tensor argument values); a
+call with a new signature is captured and compiled again, never answered by a program
+compiled for other inputs.
+"""
+from __future__ import annotations
+
+import inspect
+import itertools
+import logging
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Any, Callable, Hashable, Iterator
+
+import torch
+import torch.fx as fx
+import torch.utils._pytree as pytree
+
+from .capture import GraphInput, capture_export, describe_inputs
+from .config import Config
+from .errors import FmeError, InputError
+from fmecompile.passes import run_passes
+from fmecompile.passes.manager import check_passes_available
+
+log = logging.getLogger("fmecompile")
+
+ENTRY_PREFIX = "module."
+
+
+class _Entry(torch.nn.Module):
+    """What torch.export sees: the compiled method called with keyword arguments only.
+    The user's module sits under the attribute `module`, as it does in CompiledModule, so
+    the exported parameter paths resolve against both."""
+
+    def __init__(self, module: torch.nn.Module, method: str) -> None:
+        super().__init__()
+        self.module = module
+        self.method = method
+
+    def forward(self, **kwargs: Any) -> Any:
+        return getattr(self.module, self.method)(**kwargs)
+
+
+@dataclass
+class Captured:
+    """One capture of the module for one input signature: the canonical graph and how to
+    feed it. Several configs can be compiled from one capture (benchmarks, ablations)."""
+
+    graph_module: fx.GraphModule
+    inputs: list[GraphInput]
+    constants: dict[str, torch.Tensor]
+    in_spec: pytree.TreeSpec
+    out_spec: pytree.TreeSpec
+    seconds: float
+
+
+def capture(module: torch.nn.Module, method: str, kwargs: dict[str, Any]) -> Captured:
+    start = time.perf_counter()
+    log.info("capturing %s.%s with torch.export for %s", type(module).__name__, method,
+             describe_inputs(kwargs))
+    program = capture_export(_Entry(module, method), kwargs, strip_prefix=ENTRY_PREFIX)
+    gm = program.graph_module
+    inputs = [n.meta["fme_input"] for n in gm.graph.nodes if n.op == "placeholder"]
+    seconds = time.perf_counter() - start
+    log.info("captured %d nodes in %.1fs", len(gm.graph.nodes), seconds)
+    return Captured(gm, inputs, dict(program.constants), program.call_spec.in_spec,
+                    program.call_spec.out_spec, seconds)
+
+
+class Program:
+    """A compiled graph for one input signature, and how to call it: parameters and
+    buffers are read from the module at every call (so `.to()` and weight updates are
+    seen), user inputs are the flattened call arguments."""
+
+    def __init__(self, captured: Captured, config: Config, module: torch.nn.Module) -> None:
+        start = time.perf_counter()
+        self.graph_module, self.report = run_passes(captured.graph_module, config)
+        self.compile_seconds = captured.seconds + time.perf_counter() - start
+        self.config = config
+        self.in_spec = captured.in_spec
+        self.out_spec = captured.out_spec
+        user_index = itertools.count()
+        self._feeds = [_feed(role, module, captured.constants, user_index) for role in captured.inputs]
+
+    def __call__(self, kwargs: dict[str, Any]) -> Any:
+        user_leaves = pytree.tree_leaves(((), kwargs))
+        flat = [feed(user_leaves) for feed in self._feeds]
+        out = self.graph_module(*flat)
+        return pytree.tree_unflatten(list(out), self.out_spec)
+
+
+def _feed(role: GraphInput, module: torch.nn.Module, constants: dict[str, torch.Tensor],
+          user_index: Iterator[int]) -> Callable[[list], Any]:
+    """A function from the call's flattened user arguments to one placeholder's value."""
+    if role.kind in ("parameter", "buffer"):
+        owner_path, _, attr = role.name.rpartition(".")
+        owner = module.get_submodule(owner_path)
+        store = owner._parameters if role.kind == "parameter" else owner._buffers
+        return lambda _: store[attr]
+    if role.kind == "constant":
+        value = constants[role.name]
+        return lambda _: value
+    index = next(user_index)  # user placeholders follow the flattened argument order
+    return lambda leaves: leaves[index]
+
+
+class CompiledModule(torch.nn.Module):
+    """A compiled module that drop-in replaces the original.
+
+    `report` maps each applied pass to what it did, and `graph_module` is the rewritten
+    canonical graph, both of the most recently used input signature; `fme_config` is the
+    compilation's Config. Attributes the compiled module does not have (`config`, `dtype`,
+    `device`, ...) are read from the original, so code that inspects the module (diffusers
+    pipelines do) keeps working.
+    """
+
+    def __init__(self, module: torch.nn.Module, config: Config | None = None, method: str = "forward") -> None:
+        super().__init__()
+        if not isinstance(module, torch.nn.Module):
+            raise FmeError(f"fmecompile compiles torch.nn.Module objects (or their bound methods), "
+                           f"got {type(module).__name__}")
+        config = config if config is not None else Config()
+        if not isinstance(config, Config):
+            raise FmeError(f"config must be an fmecompile.Config, got {type(config).__name__}")
+        check_passes_available(config)
+        self.module = module
+        # Not `config`: pipelines read `unet.config` and must get the model's own.
+        self.fme_config = config
+        self.method = method
+        self._signature = inspect.signature(getattr(module, method))
+        self._programs: dict[Hashable, Program] = {}
+        self._current: Program | None = None
+
+    # -- calling ----------------------------------------------------------------------
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        bound = self.bind(args, kwargs)
+        program = self._programs.get(self._key(bound))
+        if program is None:
+            program = self._specialize(bound)
+        self._current = program
+        return program(bound)
+
+    def bind(self, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """The call's arguments by name, defaults filled in, as the module would see them."""
+        try:
+            bound = self._signature.bind(*args, **kwargs)
+        except TypeError as err:
+            raise InputError(f"{type(self.module).__name__}.{self.method}{self._signature}: {err}") from None
+        bound.apply_defaults()
+        named: dict[str, Any] = {}
+        for name, value in bound.arguments.items():
+            kind = self._signature.parameters[name].kind
+            if kind is inspect.Parameter.VAR_POSITIONAL:
+                if value:
+                    raise InputError(f"extra positional arguments {describe_inputs(value)} are not "
+                                     f"supported by fmecompile; pass them by keyword")
+            elif kind is inspect.Parameter.VAR_KEYWORD:
+                named.update(value)
+            else:
+                named[name] = value
+        return named
+
+    def _key(self, named: dict[str, Any]) -> Hashable:
+        leaves, spec = pytree.tree_flatten(named)
+        parts: list[Hashable] = [str(spec)]
+        for leaf in leaves:
+            if isinstance(leaf, torch.Tensor):
+                parts.append((tuple(leaf.shape), leaf.dtype, leaf.device))
+            else:
+                parts.append((type(leaf).__name__, leaf if isinstance(leaf, Hashable) else repr(leaf)))
+        # Graphs bake in the device and dtype of the weights (arange, casts): moving the
+        # module means a new program.
+        parts.append(frozenset((p.dtype, p.device) for p in self.module.parameters()))
+        return tuple(parts)
+
+    def _specialize(self, named: dict[str, Any]) -> Program:
+        if self._programs:
+            warnings.warn(f"fmecompile: new input signature {describe_inputs(named)}; compiling "
+                          f"specialization {len(self._programs) + 1}", stacklevel=3)
+        return self.add_program(capture(self.module, self.method, named), named)
+
+    def add_program(self, captured: Captured, named: dict[str, Any]) -> Program:
+        """Compiles `captured` with this module's config and keeps it for `named`'s signature."""
+        program = Program(captured, self.fme_config, self.module)
+        self._programs[self._key(named)] = program
+        self._current = program
+        return program
+
+    # -- introspection ----------------------------------------------------------------
+
+    @property
+    def report(self) -> dict[str, Any]:
+        return self._require_program().report
+
+    @property
+    def graph_module(self) -> fx.GraphModule:
+        return self._require_program().graph_module
+
+    @property
+    def compile_seconds(self) -> float:
+        return self._require_program().compile_seconds
+
+    def _require_program(self) -> Program:
+        if self._current is None:
+            raise FmeError("nothing compiled yet: call the module (or fmecompile.compile) first")
+        return self._current
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            module = self._modules.get("module")
+            if module is None:
+                raise
+            return getattr(module, name)
+
+
+def compile(
+    module: torch.nn.Module | Callable[..., Any],
+    args: tuple = (),
+    kwargs: dict[str, Any] | None = None,
+    config: Config | None = None,
+) -> CompiledModule:
+    """Compiles `module` (an nn.Module, or a bound method of one such as `vae.decode`)
+    ahead of time for the example inputs `args`/`kwargs`, through torch.export."""
+    target, method = split_method(module)
+    compiled = CompiledModule(target, config, method)
+    named = compiled.bind(tuple(args), dict(kwargs or {}))
+    compiled.add_program(capture(target, method, named), named)
+    return compiled
+
+
+def split_method(fn: Any) -> tuple[torch.nn.Module, str]:
+    if isinstance(fn, torch.nn.Module):
+        return fn, "forward"
+    owner = getattr(fn, "__self__", None)
+    if isinstance(owner, torch.nn.Module) and callable(fn):
+        return owner, fn.__name__
+    raise FmeError(
+        f"fmecompile.compile takes an nn.Module or a bound method of one (e.g. vae.decode), "
+        f"got {type(fn).__name__}"
+    )

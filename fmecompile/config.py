@@ -1,0 +1,146 @@
+"""`Config`: what to compile and how. Validated on construction, so a bad value fails
+where it is written, not deep inside a pass."""
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, fields
+from typing import Any, Mapping
+
+from .errors import ConfigError
+
+# The order passes run in, whatever order the user lists them: grouping fuses the ops of
+# the slicer's chunk loops, and rehash cuts the finished graph at its cache point.
+PASS_ORDER = ("slice", "group", "rehash")
+EXACT_PASSES = ("slice", "group")
+REHASH_FIELDS = ("schedule", "num_steps", "full_steps", "rehash_threshold")
+
+
+@dataclass(frozen=True)
+class Config:
+    """Options of one compilation.
+
+    passes: which rewrites to apply, any of "slice", "group", "rehash". The default, slice
+        and group, changes no result beyond floating-point rounding; rehash is approximate
+        and only runs when asked for.
+    spatial_chunks: chunks of the frame axis (batch x frames) for spatial regions; None
+        plans it (from memory_budget, else a default).
+    temporal_chunks: chunks of the pixel axis (height x width) for temporal regions; None
+        plans it likewise.
+    memory_budget: activation memory budget in bytes; the slicer picks the fewest chunks
+        whose predicted peak fits. None: no budget.
+    schedule: rehash step schedule, one flag per denoising step, True = full step.
+    num_steps / full_steps: rehash with K = full_steps of N = num_steps steps run in full.
+    rehash_threshold: gamma of the key-step search (calibration), in (0, 1].
+    """
+
+    passes: tuple[str, ...] = EXACT_PASSES
+    spatial_chunks: int | None = None
+    temporal_chunks: int | None = None
+    memory_budget: int | None = None
+    schedule: tuple[bool, ...] | None = None
+    num_steps: int | None = None
+    full_steps: int | None = None
+    rehash_threshold: float | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "passes", _normalize_passes(self.passes))
+        for name in ("spatial_chunks", "temporal_chunks", "num_steps", "full_steps"):
+            _check_positive_int(name, getattr(self, name))
+        _check_positive_int("memory_budget", self.memory_budget)
+        if self.schedule is not None:
+            object.__setattr__(self, "schedule", _normalize_schedule(self.schedule))
+        self._check_rehash_fields()
+
+    def _check_rehash_fields(self) -> None:
+        given = [name for name in REHASH_FIELDS if getattr(self, name) is not None]
+        if given and "rehash" not in self.passes:
+            raise ConfigError(
+                f"{', '.join(given)} only take effect with the rehash pass; add 'rehash' to "
+                f"passes (now {self.passes}) or leave them unset"
+            )
+        if self.full_steps is not None:
+            if self.num_steps is None:
+                raise ConfigError("full_steps needs num_steps (K full steps out of N)")
+            if self.full_steps > self.num_steps:
+                raise ConfigError(
+                    f"full_steps={self.full_steps} exceeds num_steps={self.num_steps}"
+                )
+        if self.schedule is not None and self.num_steps is not None:
+            if len(self.schedule) != self.num_steps:
+                raise ConfigError(
+                    f"schedule has {len(self.schedule)} steps but num_steps={self.num_steps}"
+                )
+        if self.rehash_threshold is not None:
+            gamma = self.rehash_threshold
+            if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not 0 < gamma <= 1:
+                raise ConfigError(f"rehash_threshold must be a number in (0, 1], got {gamma!r}")
+
+    def replace(self, **changes: Any) -> "Config":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, Any] | None) -> "Config":
+        """Builds a Config from `torch.compile(..., options={...})` or a saved mapping."""
+        options = dict(options or {})
+        valid = [f.name for f in fields(cls)]
+        unknown = sorted(set(options) - set(valid))
+        if unknown:
+            raise ConfigError(
+                f"unknown fmecompile option(s) {unknown}; valid options are {valid}"
+            )
+        return cls(**options)
+
+
+def _normalize_passes(passes: Any) -> tuple[str, ...]:
+    if isinstance(passes, str):
+        passes = [p for p in passes.split(",") if p.strip()]
+    try:
+        names = [str(p).strip() for p in passes]
+    except TypeError:
+        raise ConfigError(f"passes must be a sequence of pass names, got {passes!r}") from None
+    unknown = [p for p in names if p not in PASS_ORDER]
+    if unknown:
+        raise ConfigError(f"unknown pass(es) {unknown}; choose from {list(PASS_ORDER)}")
+    if len(set(names)) != len(names):
+        raise ConfigError(f"a pass is listed twice in {names}")
+    return tuple(p for p in PASS_ORDER if p in names)
+
+
+def _check_positive_int(name: str, value: Any) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{name} must be a positive integer or None, got {value!r}")
+
+
+def _normalize_schedule(schedule: Any) -> tuple[bool, ...]:
+    flags = tuple(schedule)
+    if not flags or not all(isinstance(f, bool) for f in flags):
+        raise ConfigError(
+            "schedule must be a non-empty sequence of booleans, one per step (True = full)"
+        )
+    if not flags[0]:
+        raise ConfigError("schedule[0] must be True: the first step of a generation runs in full")
+    return flags
+
+
+_SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9,
+               "kib": 2**10, "mib": 2**20, "gib": 2**30}
+
+
+def parse_bytes(text: str | int) -> int:
+    """'1GiB', '512MB', '1.5e9' or an int -> bytes."""
+    if isinstance(text, int):
+        return text
+    match = re.fullmatch(r"\s*([0-9.eE+]+)\s*([a-zA-Z]*)\s*", str(text))
+    unit = match.group(2).lower() if match else None
+    if not match or unit not in _SIZE_UNITS:
+        raise ConfigError(f"cannot read {text!r} as a size; write e.g. 1GiB, 512MB or 2000000000")
+    try:
+        return int(float(match.group(1)) * _SIZE_UNITS[unit])
+    except ValueError:
+        raise ConfigError(f"cannot read {text!r} as a size") from None

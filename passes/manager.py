@@ -1,0 +1,105 @@
+"""Runs the selected passes over a copy of a canonical graph, checking it after each."""
+from __future__ import annotations
+
+import copy
+import importlib
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.fx as fx
+
+from fmecompile.config import Config
+from fmecompile.errors import ConfigError
+
+log = logging.getLogger("fmecompile")
+
+
+@dataclass
+class PassResult:
+    """What a pass returns: the new graph, whether it changed, and what it did (plain
+    numbers and names, for `CompiledModule.report`)."""
+
+    graph_module: fx.GraphModule
+    modified: bool
+    report: dict[str, Any] = field(default_factory=dict)
+
+
+Pass = Callable[[fx.GraphModule, Config], PassResult]
+
+# name -> "module:function", imported on first use so that a pass's dependencies (Triton
+# for grouping) load only when that pass runs.
+_PASS_ENTRY_POINTS: dict[str, str] = {}
+
+
+def available_passes() -> tuple[str, ...]:
+    return tuple(_PASS_ENTRY_POINTS)
+
+
+def _load_pass(name: str) -> Pass:
+    entry = _PASS_ENTRY_POINTS.get(name)
+    if entry is None:
+        raise ConfigError(
+            f"the {name!r} pass is not available in this version of fmecompile; "
+            f"available passes: {list(_PASS_ENTRY_POINTS)}"
+        )
+    module_name, function_name = entry.split(":")
+    return getattr(importlib.import_module(module_name), function_name)
+
+
+def check_passes_available(config: Config) -> None:
+    """Fails early, before any capture work, if a requested pass does not exist here."""
+    for name in config.passes:
+        _load_pass(name)
+
+
+def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
+    """A new GraphModule over a copy of `gm`'s graph (node metadata shallow-copied), so
+    passes may rewrite it without touching the captured original."""
+    return fx.GraphModule(gm, copy.deepcopy(gm.graph))
+
+
+def run_passes(gm: fx.GraphModule, config: Config) -> tuple[fx.GraphModule, dict[str, Any]]:
+    """Applies `config.passes` to a copy of `gm`; returns the new graph and the report."""
+    passes = [(name, _load_pass(name)) for name in config.passes]
+    expected_outputs = _output_signature(gm)
+    gm = copy_graph_module(gm)
+    report: dict[str, Any] = {}
+    for name, run in passes:
+        start = time.perf_counter()
+        result = run(gm, config)
+        check_graph(result.graph_module, expected_outputs, after=name)
+        gm = result.graph_module
+        report[name] = result.report
+        log.info("pass %s: %s in %.2fs", name, "changed" if result.modified else "no change",
+                 time.perf_counter() - start)
+    return gm, report
+
+
+def _output_signature(gm: fx.GraphModule) -> list[tuple]:
+    outputs = gm.graph.output_node().args[0]
+    flat = outputs if isinstance(outputs, (tuple, list)) else [outputs]
+    return [_signature(v.meta.get("val") if isinstance(v, fx.Node) else v) for v in flat]
+
+
+def _signature(val: Any) -> tuple:
+    if isinstance(val, torch.Tensor):
+        return ("tensor", tuple(val.shape), val.dtype)
+    return ("value", type(val).__name__)
+
+
+def check_graph(gm: fx.GraphModule, expected_outputs: list[tuple], after: str) -> None:
+    """The invariants every pass keeps: a well-formed graph, shape metadata on every
+    computing node, and outputs of unchanged shapes and dtypes."""
+    try:
+        gm.graph.lint()
+    except Exception as err:
+        raise AssertionError(f"pass {after!r} produced a malformed graph: {err}") from err
+    missing = [n.name for n in gm.graph.nodes if n.op == "call_function" and "val" not in n.meta]
+    if missing:
+        raise AssertionError(f"pass {after!r} left nodes without meta['val']: {missing[:5]}")
+    outputs = _output_signature(gm)
+    if outputs != expected_outputs:
+        raise AssertionError(f"pass {after!r} changed the graph's outputs: {outputs} != {expected_outputs}")

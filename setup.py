@@ -1,0 +1,28 @@
+"""fmecompile: a PyTorch FX compiler for fast, memory-efficient video diffusion inference.
+
+The repository keeps the rewrite passes and the Triton kernels at the top level
+(`passes/`, `kernels/`); they install as `fmecompile.passes` and `fmecompile.kernels`.
+"""
+from setuptools import setup
+
+setup(
+    name="fmecompile",
+    version="0.1.0",
+    description="FX graph-rewriting compiler for memory-efficient video diffusion inference",
+    python_requires=">=3.10",
+    packages=["fmecompile", "fmecompile.passes", "fmecompile.kernels"],
+    package_dir={
+        "fmecompile": "fmecompile",
+        "fmecompile.passes": "passes",
+        "fmecompile.kernels": "kernels",
+    },
+    package_data={"fmecompile": ["configs/*.json", "configs/README.md"]},
+    install_requires=["torch>=2.11", "diffusers>=0.30", "triton", "nvidia-ml-py"],
+    extras_require={"test": ["pytest", "hypothesis"]},
+    entry_points={
+        "console_scripts": ["fme = fmecompile.cli:main"],
+        # torch.compile(model, backend="fme") finds the backend here, in any interpreter,
+        # without fmecompile being imported first.
+        "torch_dynamo_backends": ["fme = fmecompile.backend:fme_backend"],
+    },
+)

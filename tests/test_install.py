@@ -1,0 +1,44 @@
+"""The installed layout: fmecompile with its passes and kernels subpackages, the `fme`
+command and the dynamo backend entry point; no top-level `passes`/`kernels` modules."""
+import os
+import shutil
+import subprocess
+import sys
+from importlib.metadata import entry_points
+
+
+def test_subpackages_live_under_fmecompile(tmp_path):
+    script = ("import importlib.util, fmecompile.passes, fmecompile.kernels;"
+              "assert importlib.util.find_spec('passes') is None;"
+              "assert importlib.util.find_spec('kernels') is None;"
+              "print(fmecompile.passes.__name__, fmecompile.kernels.__name__)")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == ["fmecompile.passes", "fmecompile.kernels"]
+
+
+def test_console_script_and_backend_entry_points():
+    assert [e.value for e in entry_points(group="console_scripts") if e.name == "fme"] == ["fmecompile.cli:main"]
+    assert [e.value for e in entry_points(group="torch_dynamo_backends") if e.name == "fme"] == \
+        ["fmecompile.backend:fme_backend"]
+    assert shutil.which("fme") is not None
+
+
+def test_configs_ship_as_package_data():
+    from fmecompile.zoo import load_config
+
+    assert load_config("svd_unet_config.json")["num_frames"] == 14
+    assert "_class_name" not in load_config("svd_vae_config.json")
+
+
+def test_ci_runs_the_readme_test_line():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    readme_lines = [l.strip() for l in (root / "README.md").read_text().splitlines()]
+    test_line = next(l for l in readme_lines if l.startswith("pip install") and "pytest" in l)
+    assert test_line in (root / ".ci/run").read_text().splitlines()
+    demo_line = next(l for l in readme_lines if l.startswith("pip install") and "fme demo" in l)
+    assert demo_line.startswith("pip install torch==2.13.0")
