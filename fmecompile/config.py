@@ -27,6 +27,8 @@ class Config:
         plans it (from memory_budget, else a default).
     temporal_chunks: chunks of the pixel axis (height x width) for temporal regions; None
         plans it likewise.
+    batch_chunks: chunks of the batch (the guidance batch) for the whole model, where the
+        model is independent along it; None plans it likewise.
     memory_budget: activation memory budget in bytes; the slicer picks the fewest chunks
         whose predicted peak fits. None: no budget.
     schedule: rehash step schedule, one flag per denoising step, True = full step.
@@ -37,6 +39,7 @@ class Config:
     passes: tuple[str, ...] = EXACT_PASSES
     spatial_chunks: int | None = None
     temporal_chunks: int | None = None
+    batch_chunks: int | None = None
     memory_budget: int | None = None
     schedule: tuple[bool, ...] | None = None
     num_steps: int | None = None
@@ -45,7 +48,7 @@ class Config:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "passes", _normalize_passes(self.passes))
-        for name in ("spatial_chunks", "temporal_chunks", "num_steps", "full_steps"):
+        for name in ("spatial_chunks", "temporal_chunks", "batch_chunks", "num_steps", "full_steps"):
             _check_positive_int(name, getattr(self, name))
         _check_positive_int("memory_budget", self.memory_budget)
         if self.schedule is not None:

@@ -31,7 +31,9 @@ Pass = Callable[[fx.GraphModule, Config], PassResult]
 
 # name -> "module:function", imported on first use so that a pass's dependencies (Triton
 # for grouping) load only when that pass runs.
-_PASS_ENTRY_POINTS: dict[str, str] = {}
+_PASS_ENTRY_POINTS: dict[str, str] = {
+    "slice": "fmecompile.passes.slice:slice_pass",
+}
 
 
 def available_passes() -> tuple[str, ...]:
@@ -59,6 +61,18 @@ def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
     """A new GraphModule over a copy of `gm`'s graph (node metadata shallow-copied), so
     passes may rewrite it without touching the captured original."""
     return fx.GraphModule(gm, copy.deepcopy(gm.graph))
+
+
+def refresh_meta(gm: fx.GraphModule) -> None:
+    """Recomputes every node's meta['val'] by fake execution from the placeholders' values.
+    A rewrite that reroutes uses (a buffer in place of a value) leaves the values of
+    downstream views describing the old storage; liveness reads storage identity."""
+    from torch._guards import detect_fake_mode
+    from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+    inputs = [n.meta.get("val") for n in gm.graph.nodes if n.op == "placeholder"]
+    mode = detect_fake_mode([v for v in inputs if isinstance(v, torch.Tensor)])
+    FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*inputs)
 
 
 def run_passes(gm: fx.GraphModule, config: Config) -> tuple[fx.GraphModule, dict[str, Any]]:

@@ -1,0 +1,205 @@
+"""Code generation for the slicer: a region becomes an unrolled loop over chunks.
+
+For each chunk, the region's ops are emitted again on slices of its inputs (views where
+the axis is the outer part of a dim, otherwise a chunk-sized copy), and each value the
+rest of the graph needs is written into its slice of a buffer allocated once before the
+loop, so no torch.cat copy is made and one chunk's intermediates die before the next
+chunk starts (the FX code frees every value after its last use). A normalization that
+reduces over the chunked axis first takes its statistics over all chunks of its input
+(fme::group_norm_moments / merge_moments), then normalizes each chunk with them.
+
+The loop is unrolled in the graph rather than kept as a Python loop: the graph stays plain
+aten and custom ops, so it exports and serializes like any other, and the number of op
+launches, which is what a loop costs at run time, is the same either way.
+"""
+from __future__ import annotations
+
+import operator
+from typing import Any, Callable
+
+import torch
+import torch.fx as fx
+from torch._guards import detect_fake_mode
+
+import fmecompile.kernels  # noqa: F401  (registers fme:: ops)
+
+from .axes import Location
+from .regions import Region
+from .rules import rule_for
+
+aten = torch.ops.aten
+fme = torch.ops.fme
+
+
+def chunk_ranges(extent: int, chunks: int) -> list[tuple[int, int]]:
+    """(start, length) of `chunks` contiguous chunks covering 0..extent as evenly as
+    possible (the first extent % chunks chunks are one longer)."""
+    chunks = max(1, min(chunks, extent))
+    base, extra = divmod(extent, chunks)
+    ranges, start = [], 0
+    for i in range(chunks):
+        length = base + (1 if i < extra else 0)
+        ranges.append((start, length))
+        start += length
+    return ranges
+
+
+class Emitter:
+    """Creates nodes before `anchor` and fills their meta['val'] by running the op on the
+    fake values of its arguments (which also checks every chunk's shapes)."""
+
+    def __init__(self, graph: fx.Graph, anchor: fx.Node, fake_mode) -> None:
+        self.graph = graph
+        self.anchor = anchor
+        self.fake_mode = fake_mode
+        self.created: list[fx.Node] = []
+
+    def __call__(self, target: Callable, args: tuple, kwargs: dict | None = None,
+                 like: fx.Node | None = None) -> fx.Node:
+        kwargs = kwargs or {}
+        with self.graph.inserting_before(self.anchor):
+            node = self.graph.call_function(target, args, kwargs)
+        if like is not None:
+            for key in ("nn_module_stack", "stack_trace", "source_fn_stack"):
+                if key in like.meta:
+                    node.meta[key] = like.meta[key]
+        fake = lambda a: a.meta["val"] if isinstance(a, fx.Node) else a
+        with self.fake_mode:
+            node.meta["val"] = target(*fx.node.map_aggregate(args, fake), **fx.node.map_aggregate(kwargs, fake))
+        self.created.append(node)
+        return node
+
+
+def _shape(node: fx.Node) -> tuple[int, ...]:
+    return tuple(int(s) for s in node.meta["val"].shape)
+
+
+def _split_shape(shape: tuple[int, ...], loc: Location, length: int) -> tuple[int, ...]:
+    """The shape with the located dim split into (outer, length * inner)."""
+    return shape[:loc.dim] + (loc.outer, length * loc.inner) + shape[loc.dim + 1:]
+
+
+def _chunk_shape(shape: tuple[int, ...], loc: Location, length: int) -> tuple[int, ...]:
+    return shape[:loc.dim] + (loc.outer * length * loc.inner,) + shape[loc.dim + 1:]
+
+
+def take(emit: Emitter, value: fx.Node, loc: Location, start: int, length: int) -> fx.Node:
+    """The chunk [start, start + length) of the axis at `loc` of `value`."""
+    if loc.outer == 1:
+        if start == 0 and length * loc.inner == _shape(value)[loc.dim]:
+            return value
+        return emit(aten.narrow.default, (value, loc.dim, start * loc.inner, length * loc.inner))
+    shape = _shape(value)
+    split = emit(aten.view.default, (value, list(_split_shape(shape, loc, loc.extent))))
+    part = emit(aten.narrow.default, (split, loc.dim + 1, start * loc.inner, length * loc.inner))
+    return emit(aten.reshape.default, (part, list(_chunk_shape(shape, loc, length))))
+
+
+def write(emit: Emitter, buffer: fx.Node, chunk: fx.Node, loc: Location, start: int, length: int) -> None:
+    """Copies `chunk` into its place in `buffer`."""
+    if loc.outer == 1:
+        target = emit(aten.narrow.default, (buffer, loc.dim, start * loc.inner, length * loc.inner))
+        emit(aten.copy_.default, (target, chunk))
+        return
+    shape = _shape(buffer)
+    split = emit(aten.view.default, (buffer, list(_split_shape(shape, loc, loc.extent))))
+    target = emit(aten.narrow.default, (split, loc.dim + 1, start * loc.inner, length * loc.inner))
+    source = emit(aten.reshape.default, (chunk, list(_split_shape(_chunk_shape(shape, loc, length), loc, length))))
+    emit(aten.copy_.default, (target, source))
+
+
+def emit_region(gm: fx.GraphModule, region: Region, chunks: int) -> dict[fx.Node, list[fx.Node]]:
+    """Replaces the region's nodes by an unrolled loop over chunks of its axis; returns,
+    for each node of the region, its copies, one per chunk."""
+    graph = gm.graph
+    members = set(region.nodes)
+    # Earlier regions may have moved some of this region's nodes: emit in current order,
+    # after the node that is now last.
+    position = {n: i for i, n in enumerate(graph.nodes)}
+    region.nodes.sort(key=position.__getitem__)
+    anchor = region.nodes[-1].next
+    fake_mode = detect_fake_mode([n.meta["val"] for n in region.nodes if isinstance(n.meta.get("val"), torch.Tensor)])
+    emit = Emitter(graph, anchor, fake_mode)
+    ranges = chunk_ranges(region.extent, chunks)
+    moments = {node: _moments(emit, node, region.slicings[node].inputs[0], ranges)
+               for node in region.nodes if region.slicings[node].two_phase}
+    buffers = {out: emit(aten.empty.memory_format, (list(_shape(out)),),
+                         {"dtype": out.meta["val"].dtype, "device": out.meta["val"].device}, like=out)
+               for out in region.outputs}
+    copies: dict[fx.Node, list[fx.Node]] = {node: [] for node in region.nodes}
+    for start, length in ranges:
+        env: dict[fx.Node, fx.Node] = {}
+        slices: dict[tuple[fx.Node, Location | None], fx.Node] = {}
+        for node in region.nodes:
+            env[node] = _emit_chunk_node(emit, node, region, env, slices, moments, start, length)
+            copies[node].append(env[node])
+        for out in region.outputs:
+            write(emit, buffers[out], env[out], region.slicings[out].outputs[0], start, length)
+    for out, buffer in buffers.items():
+        out.replace_all_uses_with(buffer, delete_user_cb=lambda user: user not in members)
+    for node in reversed(region.nodes):
+        graph.erase_node(node)
+    _move_after_block(graph, emit.created, anchor)
+    return copies
+
+
+def _emit_chunk_node(emit: Emitter, node: fx.Node, region: Region, env: dict, slices: dict,
+                     moments: dict, start: int, length: int) -> fx.Node:
+    s = region.slicings[node]
+    if node.target is operator.getitem:
+        return emit(operator.getitem, (env[node.args[0]], node.args[1]), like=node)
+    position = 0
+
+    def chunk_of(arg: Any) -> Any:
+        nonlocal position
+        if not (isinstance(arg, fx.Node) and isinstance(arg.meta.get("val"), torch.Tensor)):
+            return arg
+        loc = s.inputs[position]
+        position += 1
+        if arg in env:
+            return env[arg]
+        if loc is None:
+            return arg
+        key = (arg, loc)
+        if key not in slices:
+            slices[key] = take(emit, arg, loc, start, length)
+        return slices[key]
+
+    args = fx.node.map_aggregate(node.args, chunk_of)
+    kwargs = fx.node.map_aggregate(node.kwargs, chunk_of)
+    if s.two_phase:
+        x, _, weight, bias, eps = (list(args) + [None] * 5)[:5]
+        return emit(fme.group_norm_apply.default,
+                    (x, moments[node], weight, bias, node.args[1], eps if eps is not None else 1e-5), like=node)
+    out_loc = s.outputs[0]
+    val = node.meta["val"]
+    if isinstance(val, torch.Tensor):
+        chunk_shape = _chunk_shape(tuple(int(d) for d in val.shape), out_loc, length)
+        args, kwargs = rule_for(node).rewrite(node, tuple(args), dict(kwargs), chunk_shape, out_loc.dim)
+    return emit(node.target, tuple(args), dict(kwargs), like=node)
+
+
+def _moments(emit: Emitter, norm: fx.Node, loc: Location, ranges: list[tuple[int, int]]) -> fx.Node:
+    """Statistics of a GroupNorm's whole input, accumulated chunk by chunk."""
+    x, groups = norm.args[0], norm.args[1]
+    total = None
+    for start, length in ranges:
+        part = emit(fme.group_norm_moments.default, (take(emit, x, loc, start, length), groups), like=norm)
+        total = part if total is None else emit(fme.merge_moments.default, (total, part), like=norm)
+    return total
+
+
+def _move_after_block(graph: fx.Graph, created: list[fx.Node], anchor: fx.Node) -> None:
+    """Outside nodes placed between the region's ops that read its outputs now read the
+    buffers, which the block fills: they move after it, keeping their order."""
+    if not created:
+        return
+    created_set = set(created)
+    late: set[fx.Node] = set()
+    for node in graph.nodes:
+        if node is created[0]:
+            break
+        if any(i in created_set or i in late for i in node.all_input_nodes):
+            late.add(node)
+    for node in [n for n in graph.nodes if n in late]:
+        anchor.prepend(node)
