@@ -11,6 +11,7 @@ import math
 import platform
 import statistics
 import subprocess
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -28,18 +29,25 @@ log = logging.getLogger("fmecompile")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
+BASELINES = ("forward-chunking", "inductor")
+
+
 @dataclass
 class Variant:
-    """One column of a comparison: stock eager (config None) or a compiled config."""
+    """One column of a comparison: stock eager (config None), a compiled config, or a
+    baseline: diffusers' own `enable_forward_chunking` (feed-forward layers in chunks of
+    one), or stock under `torch.compile` (Inductor)."""
 
     label: str
     config: Config | None
+    baseline: str | None = None
 
 
 @dataclass
 class Row:
     label: str
     passes: list[str] | None
+    baseline: str | None
     activation_peak: int
     reserved_peak: int | None
     device_used: int | None
@@ -85,7 +93,9 @@ def compare(case: Case, variants: Sequence[Variant], repeats: int = 3, warmup: i
     reference = None
     captured = None
     for variant in variants:
-        if variant.config is None:
+        if variant.baseline is not None:
+            fn, compile_s, report = _baseline(variant.baseline, module, target, inputs)
+        elif variant.config is None:
             fn: Callable[[], Any] = lambda: target(**inputs)
             compile_s, report = None, {}
         else:
@@ -106,6 +116,8 @@ def compare(case: Case, variants: Sequence[Variant], repeats: int = 3, warmup: i
         rel_l2, max_abs = output_error(out, reference)
         rows.append(_row(variant, memory, times, compile_s, rel_l2, max_abs, report))
         del out
+        if variant.baseline == "forward-chunking":
+            _set_forward_chunking(module, None)
     return {
         "case": asdict(case),
         "repeats": repeats,
@@ -115,11 +127,35 @@ def compare(case: Case, variants: Sequence[Variant], repeats: int = 3, warmup: i
     }
 
 
+def _baseline(name: str, module: torch.nn.Module, target: Callable[..., Any],
+              inputs: dict[str, Any]) -> tuple[Callable[[], Any], float | None, dict[str, Any]]:
+    if name == "forward-chunking":
+        _set_forward_chunking(module, 1)
+        return (lambda: target(**inputs)), None, {}
+    compiled = torch.compile(target)
+    start = time.perf_counter()
+    with torch.inference_mode():
+        compiled(**inputs)  # compiles; the measured calls reuse it
+    return (lambda: compiled(**inputs)), time.perf_counter() - start, {}
+
+
+def _set_forward_chunking(module: torch.nn.Module, chunk_size: int | None) -> None:
+    """Feed-forward chunking of every diffusers transformer block (chunk_size None: off),
+    what `enable_forward_chunking(chunk_size, dim=1)` does, with an off switch that not every
+    model class has."""
+    blocks = [m for m in module.modules() if hasattr(m, "set_chunk_feed_forward")]
+    if not blocks:
+        raise ValueError(f"{type(module).__name__} has no feed-forward layers to chunk")
+    for block in blocks:
+        block.set_chunk_feed_forward(chunk_size, dim=1)
+
+
 def _row(variant: Variant, memory: MemoryReading, times: list[float], compile_s: float | None,
          rel_l2: float, max_abs: float, report: dict) -> Row:
     return Row(
         label=variant.label,
         passes=list(variant.config.passes) if variant.config is not None else None,
+        baseline=variant.baseline,
         activation_peak=memory.activation_peak,
         reserved_peak=memory.reserved_peak,
         device_used=memory.device_used,

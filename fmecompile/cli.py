@@ -11,9 +11,9 @@ from typing import Sequence
 import torch
 
 from . import zoo
-from .bench import DTYPES, Case, Variant, compare, format_table, write_json
+from .bench import BASELINES, DTYPES, Case, Variant, compare, format_table, write_json
 from .config import EXACT_PASSES, Config, parse_bytes
-from .errors import FmeError
+from .errors import ConfigError, FmeError
 from fmecompile.passes import available_passes
 
 
@@ -55,6 +55,8 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--spatial-chunks", type=int)
     bench.add_argument("--temporal-chunks", type=int)
     bench.add_argument("--memory-budget", help="activation budget, e.g. 1GiB")
+    bench.add_argument("--baselines", default="",
+                       help=f"also measure these, comma-separated: {', '.join(BASELINES)}")
     bench.add_argument("--repeats", type=int, default=3, help="timed runs (median reported)")
     bench.add_argument("--warmup", type=int, default=1)
     bench.add_argument("--seed", type=int, default=0)
@@ -66,8 +68,9 @@ def _parser() -> argparse.ArgumentParser:
 def run_demo(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     name = "svd-tiny"
-    frames, height, width = zoo.default_shape(name)
-    case = Case(name, batch=2, frames=frames, height=height, width=width, dtype="fp32", device="cpu")
+    _, height, width = zoo.default_shape(name)
+    # 3 frames: fewer chunks, so every combination compiles within the minute on 2 cores
+    case = Case(name, batch=2, frames=3, height=height, width=width, dtype="fp32", device="cpu")
     exact = [p for p in EXACT_PASSES if p in available_passes()]
     combos = [c for k in range(len(exact) + 1) for c in itertools.combinations(exact, k)]
     variants = [Variant("stock eager", None)]
@@ -94,8 +97,13 @@ def run_bench(args: argparse.Namespace) -> int:
                     temporal_chunks=args.temporal_chunks,
                     memory_budget=parse_bytes(args.memory_budget) if args.memory_budget else None)
     label = f"fme passes={','.join(config.passes) or 'none'}"
-    result = compare(case, [Variant("stock eager", None), Variant(label, config)],
-                     repeats=args.repeats, warmup=args.warmup)
+    baselines = [b.strip() for b in args.baselines.split(",") if b.strip()]
+    unknown = [b for b in baselines if b not in BASELINES]
+    if unknown:
+        raise ConfigError(f"unknown baseline(s) {unknown}; choose from {list(BASELINES)}")
+    variants = [Variant("stock eager", None)]
+    variants += [Variant(f"stock {b}", None, baseline=b) for b in baselines]
+    result = compare(case, variants + [Variant(label, config)], repeats=args.repeats, warmup=args.warmup)
     print(format_table(result))
     path = args.json or (f"bench-{case.model}-f{case.frames}-{case.height}x{case.width}"
                          f"-b{case.batch}-{case.dtype}-{torch.device(device).type}.json")

@@ -13,6 +13,9 @@ from .errors import ConfigError
 # the slicer's chunk loops, and rehash cuts the finished graph at its cache point.
 PASS_ORDER = ("slice", "group", "rehash")
 EXACT_PASSES = ("slice", "group")
+# The chains the group pass fuses (passes/group.py), longest first.
+GROUP_PATTERNS = ("group_norm_silu", "group_norm_add", "gn_apply_silu", "alpha_blend", "residual_add",
+                  "unit_scale", "geglu", "layer_norm")
 REHASH_FIELDS = ("schedule", "num_steps", "full_steps", "rehash_threshold")
 
 
@@ -34,6 +37,7 @@ class Config:
     schedule: rehash step schedule, one flag per denoising step, True = full step.
     num_steps / full_steps: rehash with K = full_steps of N = num_steps steps run in full.
     rehash_threshold: gamma of the key-step search (calibration), in (0, 1].
+    group_patterns: which of the group pass's patterns (GROUP_PATTERNS) to fuse; None: all.
     """
 
     passes: tuple[str, ...] = EXACT_PASSES
@@ -45,6 +49,7 @@ class Config:
     num_steps: int | None = None
     full_steps: int | None = None
     rehash_threshold: float | None = None
+    group_patterns: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "passes", _normalize_passes(self.passes))
@@ -54,6 +59,9 @@ class Config:
         if self.schedule is not None:
             object.__setattr__(self, "schedule", _normalize_schedule(self.schedule))
         self._check_rehash_fields()
+        if self.group_patterns is not None:
+            object.__setattr__(self, "group_patterns", _normalize_names(
+                "group_patterns", self.group_patterns, GROUP_PATTERNS))
 
     def _check_rehash_fields(self) -> None:
         given = [name for name in REHASH_FIELDS if getattr(self, name) is not None]
@@ -147,3 +155,16 @@ def parse_bytes(text: str | int) -> int:
         return int(float(match.group(1)) * _SIZE_UNITS[unit])
     except ValueError:
         raise ConfigError(f"cannot read {text!r} as a size") from None
+
+
+def _normalize_names(field: str, names: Any, valid: tuple[str, ...]) -> tuple[str, ...]:
+    if isinstance(names, str):
+        names = [n for n in names.split(",") if n.strip()]
+    try:
+        names = tuple(str(n).strip() for n in names)
+    except TypeError:
+        raise ConfigError(f"{field} must be a sequence of names, got {names!r}") from None
+    unknown = [n for n in names if n not in valid]
+    if unknown:
+        raise ConfigError(f"unknown {field} {unknown}; valid ones are {list(valid)}")
+    return names

@@ -4,9 +4,14 @@ For each chunk, the region's ops are emitted again on slices of its inputs (view
 the axis is the outer part of a dim, otherwise a chunk-sized copy), and each value the
 rest of the graph needs is written into its slice of a buffer allocated once before the
 loop, so no torch.cat copy is made and one chunk's intermediates die before the next
-chunk starts (the FX code frees every value after its last use). A normalization that
+chunk starts (the FX code frees every value after its last use). Where an input of the
+region dies in it and has the output's shape and chunk layout, the output is written into
+the input's own storage instead (chunk i of the output lands where chunk i of the input
+was, after the chunk has read it): the boundary between a spatial and a temporal layer then
+holds two whole tensors, not three. A normalization that
 reduces over the chunked axis first takes its statistics over all chunks of its input
-(fme::group_norm_moments / merge_moments), then normalizes each chunk with them.
+(fme::gn_moments per chunk, one fme::merge_moments), then normalizes each chunk with them
+(fme::gn_apply).
 
 The loop is unrolled in the graph rather than kept as a Python loop: the graph stays plain
 aten and custom ops, so it exports and serializes like any other, and the number of op
@@ -24,7 +29,7 @@ from torch._guards import detect_fake_mode
 import fmecompile.kernels  # noqa: F401  (registers fme:: ops)
 
 from .axes import Location
-from .regions import Region
+from .regions import Region, reusable_inputs
 from .rules import rule_for
 
 aten = torch.ops.aten
@@ -45,8 +50,9 @@ def chunk_ranges(extent: int, chunks: int) -> list[tuple[int, int]]:
 
 
 class Emitter:
-    """Creates nodes before `anchor` and fills their meta['val'] by running the op on the
-    fake values of its arguments (which also checks every chunk's shapes)."""
+    """Creates nodes before `anchor`. Their meta['val'] is left to the slicer, which
+    recomputes every value once it is done (and so checks every chunk's shapes); only
+    the buffers get theirs here, since later regions read their shapes."""
 
     def __init__(self, graph: fx.Graph, anchor: fx.Node, fake_mode) -> None:
         self.graph = graph
@@ -63,9 +69,9 @@ class Emitter:
             for key in ("nn_module_stack", "stack_trace", "source_fn_stack"):
                 if key in like.meta:
                     node.meta[key] = like.meta[key]
-        fake = lambda a: a.meta["val"] if isinstance(a, fx.Node) else a
-        with self.fake_mode:
-            node.meta["val"] = target(*fx.node.map_aggregate(args, fake), **fx.node.map_aggregate(kwargs, fake))
+        if target is aten.empty.memory_format:
+            with self.fake_mode:
+                node.meta["val"] = target(*args, **kwargs)
         self.created.append(node)
         return node
 
@@ -108,38 +114,46 @@ def write(emit: Emitter, buffer: fx.Node, chunk: fx.Node, loc: Location, start: 
     emit(aten.copy_.default, (target, source))
 
 
-def emit_region(gm: fx.GraphModule, region: Region, chunks: int) -> dict[fx.Node, list[fx.Node]]:
+def emit_region(gm: fx.GraphModule, region: Region, chunks: int, tag: Any = None,
+                first_chunk_only: bool = False) -> dict[fx.Node, list[fx.Node]]:
     """Replaces the region's nodes by an unrolled loop over chunks of its axis; returns,
-    for each node of the region, its copies, one per chunk."""
+    for each node of the region, its copies, one per chunk. Emitted nodes carry `tag` in
+    meta['fme_region']. `first_chunk_only` emits just the first (largest) chunk: the
+    memory planner's stand-in for the loop, with the same peak and a fraction of the nodes."""
     graph = gm.graph
     members = set(region.nodes)
     # Earlier regions may have moved some of this region's nodes: emit in current order,
     # after the node that is now last.
     position = {n: i for i, n in enumerate(graph.nodes)}
-    region.nodes.sort(key=position.__getitem__)
-    anchor = region.nodes[-1].next
-    fake_mode = detect_fake_mode([n.meta["val"] for n in region.nodes if isinstance(n.meta.get("val"), torch.Tensor)])
+    nodes = sorted(region.nodes, key=position.__getitem__)
+    anchor = nodes[-1].next
+    fake_mode = detect_fake_mode([n.meta["val"] for n in nodes if isinstance(n.meta.get("val"), torch.Tensor)])
     emit = Emitter(graph, anchor, fake_mode)
     ranges = chunk_ranges(region.extent, chunks)
+    reused = reusable_inputs(region, position)  # before any node is emitted
     moments = {node: _moments(emit, node, region.slicings[node].inputs[0], ranges)
                for node in region.nodes if region.slicings[node].two_phase}
-    buffers = {out: emit(aten.empty.memory_format, (list(_shape(out)),),
-                         {"dtype": out.meta["val"].dtype, "device": out.meta["val"].device}, like=out)
+    buffers = {out: reused.get(out) or emit(aten.empty.memory_format, (list(_shape(out)),),
+                                             {"dtype": out.meta["val"].dtype, "device": out.meta["val"].device},
+                                             like=out)
                for out in region.outputs}
-    copies: dict[fx.Node, list[fx.Node]] = {node: [] for node in region.nodes}
-    for start, length in ranges:
+    copies: dict[fx.Node, list[fx.Node]] = {node: [] for node in nodes}
+    for start, length in ranges[:1] if first_chunk_only else ranges:
         env: dict[fx.Node, fx.Node] = {}
         slices: dict[tuple[fx.Node, Location | None], fx.Node] = {}
-        for node in region.nodes:
+        for node in nodes:
             env[node] = _emit_chunk_node(emit, node, region, env, slices, moments, start, length)
             copies[node].append(env[node])
         for out in region.outputs:
             write(emit, buffers[out], env[out], region.slicings[out].outputs[0], start, length)
     for out, buffer in buffers.items():
         out.replace_all_uses_with(buffer, delete_user_cb=lambda user: user not in members)
-    for node in reversed(region.nodes):
+    before = nodes[0].prev
+    for node in reversed(nodes):
         graph.erase_node(node)
-    _move_after_block(graph, emit.created, anchor)
+    for node in emit.created:
+        node.meta["fme_region"] = tag
+    _move_after_block(before, emit.created, set(buffers.values()), anchor)
     return copies
 
 
@@ -169,8 +183,9 @@ def _emit_chunk_node(emit: Emitter, node: fx.Node, region: Region, env: dict, sl
     kwargs = fx.node.map_aggregate(node.kwargs, chunk_of)
     if s.two_phase:
         x, _, weight, bias, eps = (list(args) + [None] * 5)[:5]
-        return emit(fme.group_norm_apply.default,
-                    (x, moments[node], weight, bias, node.args[1], eps if eps is not None else 1e-5), like=node)
+        eps = 1e-5 if eps is None else eps
+        return emit(fme.gn_apply.default, (x, moments[node], weight, bias, node.args[1], eps, False, None),
+                    like=node)
     out_loc = s.outputs[0]
     val = node.meta["val"]
     if isinstance(val, torch.Tensor):
@@ -182,24 +197,25 @@ def _emit_chunk_node(emit: Emitter, node: fx.Node, region: Region, env: dict, sl
 def _moments(emit: Emitter, norm: fx.Node, loc: Location, ranges: list[tuple[int, int]]) -> fx.Node:
     """Statistics of a GroupNorm's whole input, accumulated chunk by chunk."""
     x, groups = norm.args[0], norm.args[1]
-    total = None
-    for start, length in ranges:
-        part = emit(fme.group_norm_moments.default, (take(emit, x, loc, start, length), groups), like=norm)
-        total = part if total is None else emit(fme.merge_moments.default, (total, part), like=norm)
-    return total
+    parts = [emit(fme.gn_moments.default, (take(emit, x, loc, start, length), groups), like=norm)
+             for start, length in ranges]
+    return emit(fme.merge_moments.default, (parts,), like=norm)
 
 
-def _move_after_block(graph: fx.Graph, created: list[fx.Node], anchor: fx.Node) -> None:
-    """Outside nodes placed between the region's ops that read its outputs now read the
-    buffers, which the block fills: they move after it, keeping their order."""
+def _move_after_block(before: fx.Node, created: list[fx.Node], buffers: set[fx.Node],
+                      anchor: fx.Node) -> None:
+    """Outside nodes that sat between the region's ops and read its outputs now read the
+    buffers, which the block fills: they move after it, keeping their order. (A buffer
+    may be an input the loop writes into, placed before the region: its readers from
+    there on are such nodes, since nothing else may read it then; see reusable_inputs.)"""
     if not created:
         return
-    created_set = set(created)
     late: set[fx.Node] = set()
-    for node in graph.nodes:
-        if node is created[0]:
-            break
-        if any(i in created_set or i in late for i in node.all_input_nodes):
+    filled = set(created) | buffers
+    node = before.next
+    while node is not created[0]:
+        if any(i in filled or i in late for i in node.all_input_nodes) and node not in buffers:
             late.add(node)
-    for node in [n for n in graph.nodes if n in late]:
+        node = node.next
+    for node in [n for n in before.graph.nodes if n in late]:
         anchor.prepend(node)

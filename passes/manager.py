@@ -33,6 +33,7 @@ Pass = Callable[[fx.GraphModule, Config], PassResult]
 # for grouping) load only when that pass runs.
 _PASS_ENTRY_POINTS: dict[str, str] = {
     "slice": "fmecompile.passes.slice:slice_pass",
+    "group": "fmecompile.passes.group:group_pass",
 }
 
 
@@ -60,7 +61,19 @@ def check_passes_available(config: Config) -> None:
 def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
     """A new GraphModule over a copy of `gm`'s graph (node metadata shallow-copied), so
     passes may rewrite it without touching the captured original."""
-    return fx.GraphModule(gm, copy.deepcopy(gm.graph))
+    return copy_with_map(gm)[0]
+
+
+def copy_with_map(gm: fx.GraphModule) -> tuple[fx.GraphModule, dict[fx.Node, fx.Node]]:
+    """copy_graph_module, and the map from each old node to its copy."""
+    val_map: dict[fx.Node, fx.Node] = {}
+    graph = fx.Graph(tracer_cls=gm.graph._tracer_cls)
+    graph._codegen = copy.deepcopy(gm.graph._codegen)
+    result, old_output = graph.graph_copy(gm.graph, val_map, return_output_node=True)
+    new_output = graph.output(result)
+    new_output.meta = copy.copy(old_output.meta)
+    val_map[old_output] = new_output
+    return fx.GraphModule(gm, graph), val_map
 
 
 def refresh_meta(gm: fx.GraphModule) -> None:

@@ -15,6 +15,7 @@ the value between them then never exists in full.
 """
 from __future__ import annotations
 
+import dataclasses
 import operator
 from collections import deque
 from typing import Callable
@@ -24,7 +25,8 @@ import torch
 import torch.fx as fx
 from torch.multiprocessing.reductions import StorageWeakRef
 
-from .axes import Atom, AxisAnalysis
+from .axes import Atom, AxisAnalysis, Location
+from .liveness import may_alias_classes
 from .rules import Slicing, View, Permute, Expand, rule_for, slicing, tensor_inputs
 
 aten = torch.ops.aten
@@ -67,6 +69,13 @@ class Region:
     peak_bytes: int = 0  # most bytes the region's own values hold at once, run unchunked
     internal_peak_bytes: int = 0  # the same, counting only values that die inside
 
+    def remap(self, val_map: dict[fx.Node, fx.Node]) -> "Region":
+        """The same region over a copy of its graph."""
+        return dataclasses.replace(
+            self, seed=val_map[self.seed], nodes=[val_map[n] for n in self.nodes],
+            slicings={val_map[n]: s for n, s in self.slicings.items()},
+            inputs=[val_map[n] for n in self.inputs], outputs=[val_map[n] for n in self.outputs])
+
     def score(self, chunks: int) -> float:
         """Bytes the region's peak drops by when run in `chunks` chunks: unchunked, its
         values peak at `peak_bytes`; chunked, all output buffers exist for the whole loop
@@ -84,7 +93,8 @@ def find_regions(gm: fx.GraphModule, analysis: AxisAnalysis, candidates: Candida
                  planned_chunks: dict[str, int]) -> list[Region]:
     """Non-overlapping regions, in graph order. Seeds are the ops `candidates` gives
     choices for; the most constrained start first (those with one possible axis), each
-    later one takes the axis its already-chunked neighbourhood uses, if it can."""
+    later one takes the axis its already-chunked neighbourhood uses, if it can. Regions
+    grow forwards into users first, then backwards (see below)."""
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     groups: list[dict[fx.Node, Slicing]] = []
     axes: list[tuple[Axis, str]] = []
@@ -100,14 +110,13 @@ def find_regions(gm: fx.GraphModule, analysis: AxisAnalysis, candidates: Candida
             groups.append({seed: s})
             axes.append((axis, kind))
             queue.append((seed, owner[seed]))
-        while queue:  # the new regions grow together, one step at a time
-            node, rid = queue.popleft()
-            for other in _neighbours(node):
-                if other in owner or other.op != "call_function":
-                    continue
-                for new in _try_join(other, groups[rid], axes[rid][0], analysis, order):
-                    owner[new] = rid
-                    queue.append((new, rid))
+        _grow(queue, groups, axes, owner, _users, analysis, order, _replaces_an_output)
+    # Then backwards into producers, then anywhere. A value is best computed in the loop
+    # that computes its inputs if it replaces one of them as the loop's output; if they
+    # stay outputs anyway (other ops need them whole), joining would add an output, and
+    # the value is better computed in its users' loop.
+    for step in (_producers, _neighbours):
+        _grow(deque(owner.items()), groups, axes, owner, step, analysis, order)
     merged = _merge(groups, axes, order)
     regions = [_region(members, axis, kind, analysis, order) for members, (axis, kind) in merged]
     return sorted(regions, key=lambda r: order[r.nodes[0]])
@@ -196,6 +205,35 @@ def rebuild(region: Region, nodes: list[fx.Node], analysis: AxisAnalysis,
     return _region(slicings, axis, region.kind, analysis, order)
 
 
+def _grow(queue: deque, groups: list[dict[fx.Node, Slicing]], axes: list[tuple[Axis, str]],
+          owner: dict[fx.Node, int], step: Callable[[fx.Node], list[fx.Node]], analysis: AxisAnalysis,
+          order: dict[fx.Node, int], wanted: Callable[[fx.Node, dict], bool] = lambda node, members: True) -> None:
+    """Grows the queued regions together, one `step` at a time, into unowned ops."""
+    while queue:
+        node, rid = queue.popleft()
+        for other in step(node):
+            if other in owner or other.op != "call_function" or not wanted(other, groups[rid]):
+                continue
+            for new in _try_join(other, groups[rid], axes[rid][0], analysis, order):
+                owner[new] = rid
+                queue.append((new, rid))
+
+
+def _replaces_an_output(node: fx.Node, members: dict[fx.Node, Slicing]) -> bool:
+    """Whether every member `node` reads is used by members and `node` only."""
+    return all(all(u in members or u is node for u in p.users)
+               for p in node.all_input_nodes if p in members)
+
+
+def _producers(node: fx.Node) -> list[fx.Node]:
+    return list(node.all_input_nodes)
+
+
+def _users(node: fx.Node) -> list[fx.Node]:
+    """Users, a getitem standing for its multi-output producer."""
+    return [u.args[0] if u.target is operator.getitem else u for u in node.users]
+
+
 def _neighbours(node: fx.Node) -> list[fx.Node]:
     """Producers and users, a getitem standing for its multi-output producer."""
     out = []
@@ -223,31 +261,29 @@ def _try_join(node: fx.Node, members: dict[fx.Node, Slicing], axis: Axis, analys
 
 def _merge(groups: list[dict[fx.Node, Slicing]], axes: list[tuple[Axis, str]],
            order: dict[fx.Node, int]) -> list[tuple[dict[fx.Node, Slicing], tuple[Axis, str]]]:
-    """Merges regions along the same axis that feed each other, where the union is legal."""
-    regions = [(dict(g), a) for g, a in zip(groups, axes)]
-    changed = True
-    while changed:
-        changed = False
-        owner = {n: i for i, (g, _) in enumerate(regions) if g for n in g}
-        for i, (group, axis) in enumerate(regions):
-            if not group:
+    """Merges regions along the same axis that feed each other, where the union is legal:
+    each edge between two regions is tried once, in graph order."""
+    parent = list(range(len(groups)))
+    members = [dict(g) for g in groups]
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    owner = {n: i for i, g in enumerate(groups) for n in g}
+    for node in sorted(owner, key=order.__getitem__):
+        for user in node.users:
+            if user not in owner:
                 continue
-            for node in list(group):
-                for user in node.users:
-                    j = owner.get(user)
-                    if j is None or j == i or regions[j][1][0] != axis[0]:
-                        continue
-                    other = regions[j][0]
-                    if _can_merge(group, other, order):
-                        group.update(other)
-                        other.clear()
-                        changed = True
-                        break
-                if changed:
-                    break
-            if changed:
-                break
-    return [(g, a) for g, a in regions if g]
+            a, b = find(owner[node]), find(owner[user])
+            if a == b or axes[a][0] != axes[b][0] or not _can_merge(members[a], members[b], order):
+                continue
+            members[a].update(members[b])
+            members[b] = {}
+            parent[b] = a
+    return [(members[i], axes[i]) for i in range(len(groups)) if find(i) == i]
 
 
 def _can_merge(a: dict[fx.Node, Slicing], b: dict[fx.Node, Slicing], order: dict[fx.Node, int]) -> bool:
@@ -282,7 +318,7 @@ def _region(slicings: dict[fx.Node, Slicing], axis: Axis, kind: str, analysis: A
     members = _drop_trailing_views(_drop_leading_views(set(nodes), seed), seed)
     nodes = [n for n in nodes if n in members]
     region = Region(seed, axis, kind, _extent(analysis, axis), nodes, {n: slicings[n] for n in nodes})
-    _classify_values(region, members)
+    _classify_values(region, members, order)
     return region
 
 
@@ -385,7 +421,7 @@ def _is_alias(node: fx.Node) -> bool:
     return isinstance(src, torch.Tensor) and StorageWeakRef(val.untyped_storage()) == StorageWeakRef(src.untyped_storage())
 
 
-def _classify_values(region: Region, members: set[fx.Node]) -> None:
+def _classify_values(region: Region, members: set[fx.Node], order: dict[fx.Node, int]) -> None:
     seen: set[fx.Node] = set()
     for node in region.nodes:
         for source in node.all_input_nodes:
@@ -396,6 +432,8 @@ def _classify_values(region: Region, members: set[fx.Node]) -> None:
         if isinstance(node.meta.get("val"), torch.Tensor) and any(u not in members for u in node.users):
             region.outputs.append(node)
     _simulate(region, members)
+    # outputs the loop writes into a dying input's storage cost no new buffer
+    region.output_bytes -= sum(_nbytes(out) for out in reusable_inputs(region, order))
 
 
 def _simulate(region: Region, members: set[fx.Node]) -> None:
@@ -420,11 +458,10 @@ def _simulate(region: Region, members: set[fx.Node]) -> None:
     counted: set[StorageWeakRef] = set(dying_inputs)
     region.output_bytes = sum(storages[r] for r in kept)
     region.input_bytes = live
+    input_refs = {ref for node in region.inputs for ref, _ in _storages(node)}
     for node in region.nodes:
         for ref, size in _storages(node):
-            if ref not in counted and ref in storages and (ref in kept or ref not in dying_inputs):
-                if any(ref in (r for r, _ in _storages(i)) for i in region.inputs):
-                    continue  # a view of an input
+            if ref not in counted and ref not in input_refs:  # views of inputs add nothing
                 counted.add(ref)
                 live += size
                 if ref not in kept:
@@ -441,6 +478,48 @@ def _simulate(region: Region, members: set[fx.Node]) -> None:
                     if ref not in dying_inputs:
                         internal -= size
                     counted.discard(ref)
+
+
+def reusable_inputs(region: Region, position: dict[fx.Node, int]) -> dict[fx.Node, fx.Node]:
+    """For outputs of the region that can be written into one of its inputs, that input.
+
+    Legal when the input's storage is an intermediate (no graph input, weight or constant)
+    that nothing outside the region reads from the region's first op on, the region reads
+    it through that one node only, always at the chunk it is computing, with the output's
+    shape, dtype and chunk location, and the output does not itself alias it. Then chunk i
+    of the output overwrites exactly chunk i of the input, which no later chunk reads.
+    Storage sharing is judged conservatively (liveness.may_alias_classes)."""
+    members = set(region.nodes)
+    graph = region.nodes[0].graph
+    start = min(position[n] for n in region.nodes)
+    alias = may_alias_classes(graph)
+    reads: dict[fx.Node, set[Location | None]] = {}
+    for node in region.nodes:
+        for arg, loc in zip(tensor_inputs(node), region.slicings[node].inputs):
+            if arg not in members:
+                reads.setdefault(arg, set()).add(loc)
+    sharing: dict[fx.Node, list[fx.Node]] = {}
+    for node in graph.nodes:
+        sharing.setdefault(alias[node], []).append(node)
+    read_classes: dict[fx.Node, int] = {}
+    for node in reads:
+        read_classes[alias[node]] = read_classes.get(alias[node], 0) + 1
+    reused: dict[fx.Node, fx.Node] = {}
+    for out in region.outputs:
+        val, loc = out.meta["val"], region.slicings[out].outputs[0]
+        for inp, locs in reads.items():
+            cls = alias[inp]
+            if (read_classes[cls] > 1 or inp in reused.values() or locs != {loc} or alias[out] == cls
+                    or inp.meta["val"].shape != val.shape or inp.meta["val"].dtype != val.dtype):
+                continue
+            aliases = sharing[cls]
+            if any(a.op in ("placeholder", "get_attr", "output") for a in aliases):
+                continue
+            if any(position[user] >= start and user not in members for a in aliases for user in a.users):
+                continue
+            reused[out] = inp
+            break
+    return reused
 
 
 def _storages(node: fx.Node) -> list[tuple[StorageWeakRef, int]]:

@@ -1,90 +1,169 @@
 """The slice pass (Feature Slicer): regions of ops that are independent along an axis run
 as loops over chunks of it, exactly.
 
-Two rounds, each on a fresh axis analysis of the graph the round before produced:
+Two levels of loops:
   1. batch: where the model is independent along its batch (the guidance batch of a
      UNet is), the whole model runs once per batch chunk;
-  2. frames and pixels: spatial regions (convolutions, spatial attention) loop over
-     chunks of batch*frames, temporal regions (temporal convolutions and attention) over
-     chunks of pixels; normalizations that reduce over the chunked axis are split into
-     statistics over all chunks and a chunked apply.
-Chunk counts come from the config, or from `memory_budget` (the fewest chunks whose
-predicted peak fits), or default to DEFAULT_CHUNKS.
+  2. inside it, frames and pixels: spatial regions (convolutions, spatial attention) loop
+     over chunks of (batch*)frames, temporal regions (temporal convolutions and attention)
+     over chunks of pixels; normalizations that reduce over the chunked axis are split
+     into statistics over all chunks and a chunked apply.
+Both partitions are found on the graph as captured, where batch and frames are still two
+atoms of one dim (once the batch is chunked, spatial and temporal layers would both hold
+frames as a whole dim and could no longer be told apart); the inner regions are then
+re-derived for each batch chunk's copy of their nodes.
+
+Chunk counts come from the config, or from `memory_budget` (see chunk_plan), or default
+to what fixed_count picks from the region's sizes.
 """
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch.fx as fx
 
 from fmecompile.config import Config
 
-from .axes import analyze
+from .axes import AxisAnalysis, analyze
 from .chunk_loops import emit_region
 from .liveness import predicted_peak
-from .manager import PassResult, refresh_meta
+from .manager import PassResult, copy_with_map, refresh_meta
 from .regions import (BATCH, SPATIAL, TEMPORAL, Region, batch_candidates, find_regions,
                       full_dim_candidates, rebuild)
 
 DEFAULT_CHUNKS = {SPATIAL: 4, TEMPORAL: 4}
+MAX_DEFAULT_CHUNKS = 8  # more costs launches and compile time; a memory_budget may ask for it
 # A region must keep at least this share of the graph's peak from existing to be worth
 # its extra launches.
 MIN_SAVING = 0.01
 
+Key = tuple[str, int]  # ("batch" | "inner", index of the region in its partition)
+
+
+@dataclass
+class SlicePlan:
+    """The regions of a captured graph, before any chunk count is chosen."""
+
+    analysis: AxisAnalysis
+    batch: list[Region]
+    inner: list[Region]
+    peak_before: int
+
+    def regions(self) -> dict[Key, Region]:
+        return {**{("batch", i): r for i, r in enumerate(self.batch)},
+                **{("inner", i): r for i, r in enumerate(self.inner)}}
+
+
+@dataclass
+class Applied:
+    """What applying a plan did: one record per emitted loop, and the regions as emitted
+    (inner ones once per batch chunk) by key."""
+
+    records: list[dict[str, Any]] = field(default_factory=list)
+    instances: dict[Key, list[Region]] = field(default_factory=dict)
+
 
 def slice_pass(gm: fx.GraphModule, config: Config) -> PassResult:
-    before = predicted_peak(gm)
+    from .chunk_plan import plan_counts  # the planner applies plans itself
+
     nodes_before = len(gm.graph.nodes)
-    counts = _chunk_counts(config)
-    planned = _planning_counts(counts)
-    worth = lambda region: region.score(planned[region.kind]) >= MIN_SAVING * before
-    # Both partitions come from the graph as captured, where batch and frames are still
-    # separate atoms of one dim: once the batch is chunked, spatial and temporal layers
-    # both hold frames as a whole dim and could no longer be told apart.
-    analysis = analyze(gm)
-    batch_regions = [r for r in find_regions(gm, analysis, lambda n: batch_candidates(n, analysis), planned)
-                     if worth(r)]
-    inner_regions = find_regions(gm, analysis, lambda n: full_dim_candidates(n, analysis, {SPATIAL, TEMPORAL}),
-                                 planned)
-    records: list[dict[str, Any]] = []
-    copies: dict[fx.Node, list[fx.Node]] = {}
-    for region in batch_regions:
-        chunks = _chunks(counts, region)
-        if chunks >= 2:
-            records.append(_describe(region, analysis.run_name(region.run), chunks))
-            copies.update(emit_region(gm, region, chunks))
-    if copies:
-        refresh_meta(gm)
-    analysis = analyze(gm)
-    order = {n: i for i, n in enumerate(gm.graph.nodes)}
-    instances = []
-    for region in inner_regions:
-        for nodes in _instances(region, copies):
-            instance = rebuild(region, nodes, analysis, order)
-            if instance is not None and worth(instance) and _chunks(counts, instance) >= 2:
-                instances.append(instance)
-    for region in instances:
-        chunks = _chunks(counts, region)
-        records.append(_describe(region, analysis.run_name(region.run), chunks))
-        emit_region(gm, region, chunks)
-    gm.graph.lint()
-    gm.graph.eliminate_dead_code()
-    gm.recompile()
-    refresh_meta(gm)
+    plan = find_plan(gm, config)
+    if config.memory_budget is not None:
+        counts, planning = plan_counts(gm, plan, config)
+    else:
+        counts, planning = {key: fixed_count(config, r) for key, r in plan.regions().items()}, None
+    applied = apply_plan(gm, plan, counts)
     after = predicted_peak(gm)
+    records = applied.records
     report = {
         "regions": len(records),
         "chunked_ops": sum(r["ops"] for r in records),
         "by_kind": {kind: sum(1 for r in records if r["kind"] == kind) for kind in (BATCH, SPATIAL, TEMPORAL)},
         "two_phase_norms": sum(r["two_phase_norms"] for r in records),
         "predicted_peak_bytes": after,
-        "predicted_peak_before_bytes": before,
+        "predicted_peak_before_bytes": plan.peak_before,
+        "memory_budget": config.memory_budget,
         "nodes_before": nodes_before,
         "nodes_after": len(gm.graph.nodes),
         "region_list": records,
     }
+    if planning is not None:
+        report["planning"] = planning
     return PassResult(gm, bool(records), report)
+
+
+def find_plan(gm: fx.GraphModule, config: Config) -> SlicePlan:
+    before = predicted_peak(gm)
+    planned = {kind: fixed_count_of_kind(config, kind) or (1 << 30) for kind in (BATCH, SPATIAL, TEMPORAL)}
+    worth = lambda region: region.score(planned[region.kind]) >= MIN_SAVING * before
+    analysis = analyze(gm)
+    batch = [r for r in find_regions(gm, analysis, lambda n: batch_candidates(n, analysis), planned) if worth(r)]
+    inner = find_regions(gm, analysis, lambda n: full_dim_candidates(n, analysis, {SPATIAL, TEMPORAL}), planned)
+    return SlicePlan(analysis, batch, [r for r in inner if worth(r)], before)
+
+
+def fixed_count_of_kind(config: Config, kind: str) -> int | None:
+    """The chunk count the config fixes for a kind of region; None: planned (batch: as
+    long as the batch without a budget)."""
+    count = {BATCH: config.batch_chunks, SPATIAL: config.spatial_chunks, TEMPORAL: config.temporal_chunks}[kind]
+    if count is None and config.memory_budget is None and kind in DEFAULT_CHUNKS:
+        return DEFAULT_CHUNKS[kind]
+    return count
+
+
+def fixed_count(config: Config, region: Region) -> int:
+    """The config's count for the region's kind; without one, the default: at least
+    DEFAULT_CHUNKS, and enough that one chunk's intermediates hold no more than a quarter of
+    what the loop keeps whole anyway (its dying inputs and its output buffers), so that
+    the loop's own peak is set by the tensors it cannot avoid."""
+    count = {BATCH: config.batch_chunks, SPATIAL: config.spatial_chunks, TEMPORAL: config.temporal_chunks}[region.kind]
+    if count is None and region.kind in DEFAULT_CHUNKS:
+        kept = max(region.input_bytes + region.output_bytes, 1)
+        count = min(max(DEFAULT_CHUNKS[region.kind], -(-4 * region.internal_peak_bytes // kept)), MAX_DEFAULT_CHUNKS)
+    return min(count or region.extent, region.extent)
+
+
+def apply_plan(gm: fx.GraphModule, plan: SlicePlan, counts: dict[Key, int],
+               first_chunk_only: bool = False) -> Applied:
+    """Emits the plan's loops into `gm` (the graph the plan was found on, or a copy made
+    with copy_with_map and the plan remapped). `first_chunk_only`: see emit_region."""
+    applied = Applied()
+    copies: dict[fx.Node, list[fx.Node]] = {}
+    for index, region in enumerate(plan.batch):
+        key = ("batch", index)
+        if counts[key] >= 2:
+            applied.records.append(_describe(region, plan.analysis.run_name(region.run), counts[key]))
+            applied.instances[key] = [region]
+            copies.update(emit_region(gm, region, counts[key], key, first_chunk_only))
+    if copies:
+        refresh_meta(gm)
+    analysis = analyze(gm) if copies else plan.analysis
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    emitting = []
+    for index, region in enumerate(plan.inner):
+        key = ("inner", index)
+        for nodes in _instances(region, copies):
+            instance = rebuild(region, nodes, analysis, order) if copies else region
+            if instance is not None and min(counts[key], instance.extent) >= 2:
+                emitting.append((key, instance))
+    for key, region in emitting:  # all rebuilt before any is emitted: emitting changes the graph
+        chunks = min(counts[key], region.extent)
+        applied.records.append(_describe(region, analysis.run_name(region.run), chunks))
+        applied.instances.setdefault(key, []).append(region)
+        emit_region(gm, region, chunks, key, first_chunk_only)
+    gm.graph.lint()
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+    refresh_meta(gm)
+    return applied
+
+
+def remap_plan(plan: SlicePlan, val_map: dict[fx.Node, fx.Node]) -> SlicePlan:
+    """The plan over a copy of its graph."""
+    return SlicePlan(plan.analysis, [r.remap(val_map) for r in plan.batch],
+                     [r.remap(val_map) for r in plan.inner], plan.peak_before)
 
 
 def _instances(region: Region, copies: dict[fx.Node, list[fx.Node]]) -> list[list[fx.Node]]:
@@ -96,23 +175,6 @@ def _instances(region: Region, copies: dict[fx.Node, list[fx.Node]]) -> list[lis
     if not all(copied):
         return []
     return [list(nodes) for nodes in zip(*(copies[n] for n in region.nodes))]
-
-
-def _chunks(counts: dict[str, int | None], region: Region) -> int:
-    return min(counts[region.kind] or region.extent, region.extent)
-
-
-def _chunk_counts(config: Config) -> dict[str, int | None]:
-    """Chunk count per kind; None for batch means: as many as the batch is long."""
-    return {
-        BATCH: config.batch_chunks,
-        SPATIAL: config.spatial_chunks or DEFAULT_CHUNKS[SPATIAL],
-        TEMPORAL: config.temporal_chunks or DEFAULT_CHUNKS[TEMPORAL],
-    }
-
-
-def _planning_counts(counts: dict[str, int | None]) -> dict[str, int]:
-    return {kind: count if count is not None else 1 << 30 for kind, count in counts.items()}
 
 
 def _describe(region: Region, axis: str, chunks: int) -> dict[str, Any]:

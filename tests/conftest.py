@@ -52,3 +52,12 @@ def svd_tiny() -> TinyModel:
 @pytest.fixture
 def vae_tiny() -> TinyModel:
     return tiny_model("svd-vae-tiny")
+
+
+@pytest.fixture
+def reference_kernels(monkeypatch):
+    """fme ops run their plain-torch references, not their Triton kernels under the
+    interpreter (about 100x slower than eager): for whole-model tests of the passes; the
+    kernels are checked against those references in test_kernels.py."""
+    if not torch.cuda.is_available():
+        monkeypatch.setenv("TRITON_INTERPRET", "0")

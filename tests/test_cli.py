@@ -8,7 +8,7 @@ import pytest
 from fmecompile.cli import main
 
 
-def test_demo_prints_a_table_and_writes_json(tmp_path, capsys):
+def test_demo_prints_a_table_and_writes_json(tmp_path, capsys, reference_kernels):
     path = tmp_path / "demo.json"
     assert main(["--quiet", "demo", "--json", str(path)]) == 0
     table = capsys.readouterr().out

@@ -1,0 +1,71 @@
+"""Plumbing shared by the Triton-backed ops: when the Triton path runs, how kernels are
+launched (and counted), and the jit helpers more than one kernel uses.
+
+Path selection: an op runs its Triton kernel when its first tensor is on CUDA, or anywhere
+while the Triton interpreter is on (TRITON_INTERPRET=1, which must be set before triton is
+first imported, since @triton.jit reads it when the kernels are defined); else its plain-torch
+reference runs, so CPU without the interpreter still works. The kernels take float16,
+bfloat16 and float32 and compute in float32; other dtypes and empty tensors take the reference.
+"""
+from __future__ import annotations
+
+import os
+from collections import Counter
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+# Kernel name -> launches since the last clear(); tests read it to prove the Triton path ran.
+LAUNCHES: Counter[str] = Counter()
+
+
+def use_triton(x: Tensor, *others: Tensor | None) -> bool:
+    """Whether the Triton kernels run for these operands (see the module docstring)."""
+    if not (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1") or x.numel() == 0:
+        return False
+    return all(t.dtype in TRITON_DTYPES for t in (x, *others) if t is not None)
+
+
+def launch(kernel, num_programs: int, *args, **meta) -> None:
+    """Launch `kernel` on a 1-D grid (on the device of its first tensor argument) and count it."""
+    LAUNCHES[kernel.fn.__name__] += 1
+    device = next(a.device for a in args if isinstance(a, Tensor))
+    if device.type == "cuda":
+        with torch.cuda.device(device):
+            kernel[(num_programs,)](*args, **meta)
+    else:
+        kernel[(num_programs,)](*args, **meta)
+
+
+def row_blocks(length: int, max_block: int) -> tuple[int, int]:
+    """Block size (a power of two, at most max_block) covering rows of `length` elements,
+    and the number of blocks a row needs."""
+    block = min(triton.next_power_of_2(max(length, 1)), max_block)
+    return block, triton.cdiv(length, block)
+
+
+def as_float32(t: Tensor | None) -> Tensor | None:
+    return None if t is None else t.to(torch.float32)
+
+
+@triton.jit
+def block_moments(x, mask, AXIS: tl.constexpr):
+    """Count, mean and M2 of the unmasked elements of a block along AXIS, by two passes in
+    registers (x must hold 0 where masked)."""
+    count = tl.sum(mask.to(tl.float32), axis=AXIS)
+    mean = tl.sum(x, axis=AXIS) / tl.maximum(count, 1.0)
+    centered = tl.where(mask, x - tl.expand_dims(mean, AXIS), 0.0)
+    return count, mean, tl.sum(centered * centered, axis=AXIS)
+
+
+@triton.jit
+def chan_merge(count_a, mean_a, m2_a, count_b, mean_b, m2_b):
+    """Chan et al.'s parallel update: the moments of the union of two disjoint sets."""
+    count = count_a + count_b
+    delta = mean_b - mean_a
+    frac_b = count_b / tl.maximum(count, 1.0)
+    return count, mean_a + delta * frac_b, m2_a + m2_b + delta * delta * count_a * frac_b
