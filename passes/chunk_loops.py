@@ -29,6 +29,7 @@ from torch._guards import detect_fake_mode
 import fmecompile.kernels  # noqa: F401  (registers fme:: ops)
 
 from .axes import Location
+from .liveness import may_alias_classes
 from .regions import Region, reusable_inputs
 from .rules import rule_for
 
@@ -130,7 +131,7 @@ def emit_region(gm: fx.GraphModule, region: Region, chunks: int, tag: Any = None
     fake_mode = detect_fake_mode([n.meta["val"] for n in nodes if isinstance(n.meta.get("val"), torch.Tensor)])
     emit = Emitter(graph, anchor, fake_mode)
     ranges = chunk_ranges(region.extent, chunks)
-    reused = reusable_inputs(region, position)  # before any node is emitted
+    reused = reusable_inputs(region, position, may_alias_classes(graph))  # before any node is emitted
     moments = {node: _moments(emit, node, region.slicings[node].inputs[0], ranges)
                for node in region.nodes if region.slicings[node].two_phase}
     buffers = {out: reused.get(out) or emit(aten.empty.memory_format, (list(_shape(out)),),

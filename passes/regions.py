@@ -96,6 +96,7 @@ def find_regions(gm: fx.GraphModule, analysis: AxisAnalysis, candidates: Candida
     later one takes the axis its already-chunked neighbourhood uses, if it can. Regions
     grow forwards into users first, then backwards (see below)."""
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    alias = may_alias_classes(gm.graph)
     groups: list[dict[fx.Node, Slicing]] = []
     axes: list[tuple[Axis, str]] = []
     owner: dict[fx.Node, int] = {}
@@ -118,7 +119,7 @@ def find_regions(gm: fx.GraphModule, analysis: AxisAnalysis, candidates: Candida
     for step in (_producers, _neighbours):
         _grow(deque(owner.items()), groups, axes, owner, step, analysis, order)
     merged = _merge(groups, axes, order)
-    regions = [_region(members, axis, kind, analysis, order) for members, (axis, kind) in merged]
+    regions = [_region(members, axis, kind, analysis, order, alias) for members, (axis, kind) in merged]
     return sorted(regions, key=lambda r: order[r.nodes[0]])
 
 
@@ -183,11 +184,12 @@ def batch_candidates(node: fx.Node, analysis: AxisAnalysis) -> list[Candidate]:
     return [((atoms[0],), BATCH, s)] if s is not None and not s.two_phase else []
 
 
-def rebuild(region: Region, nodes: list[fx.Node], analysis: AxisAnalysis,
-            order: dict[fx.Node, int]) -> Region | None:
+def rebuild(region: Region, nodes: list[fx.Node], analysis: AxisAnalysis, order: dict[fx.Node, int],
+            alias: dict[fx.Node, fx.Node]) -> Region | None:
     """The same region over copies of its nodes (after an outer loop copied them), with
     its axis and slicings read off a new analysis of the graph: the axis is the whole dim
-    of the seed's output that held it before. None if a copy can no longer be sliced."""
+    of the seed's output that held it before. None if a copy can no longer be sliced.
+    `order` and `alias` (liveness.may_alias_classes) describe the graph as it is now."""
     mapping = dict(zip(region.nodes, nodes))
     seed = mapping[region.seed]
     dims = analysis.tensor_dims(seed)
@@ -202,7 +204,7 @@ def rebuild(region: Region, nodes: list[fx.Node], analysis: AxisAnalysis,
         slicings[node] = s
     if not all(_edges_sliced(n, s, slicings) for n, s in slicings.items() if n.target is not operator.getitem):
         return None
-    return _region(slicings, axis, region.kind, analysis, order)
+    return _region(slicings, axis, region.kind, analysis, order, alias)
 
 
 def _grow(queue: deque, groups: list[dict[fx.Node, Slicing]], axes: list[tuple[Axis, str]],
@@ -312,13 +314,13 @@ def _is_convex(members: dict | set, order: dict[fx.Node, int]) -> bool:
 
 
 def _region(slicings: dict[fx.Node, Slicing], axis: Axis, kind: str, analysis: AxisAnalysis,
-            order: dict[fx.Node, int]) -> Region:
+            order: dict[fx.Node, int], alias: dict[fx.Node, fx.Node]) -> Region:
     nodes = sorted(slicings, key=order.__getitem__)
     seed = next(n for n in nodes if n.target in SEED_OPS)
     members = _drop_trailing_views(_drop_leading_views(set(nodes), seed), seed)
     nodes = [n for n in nodes if n in members]
     region = Region(seed, axis, kind, _extent(analysis, axis), nodes, {n: slicings[n] for n in nodes})
-    _classify_values(region, members, order)
+    _classify_values(region, members, order, alias)
     return region
 
 
@@ -421,7 +423,8 @@ def _is_alias(node: fx.Node) -> bool:
     return isinstance(src, torch.Tensor) and StorageWeakRef(val.untyped_storage()) == StorageWeakRef(src.untyped_storage())
 
 
-def _classify_values(region: Region, members: set[fx.Node], order: dict[fx.Node, int]) -> None:
+def _classify_values(region: Region, members: set[fx.Node], order: dict[fx.Node, int],
+                     alias: dict[fx.Node, fx.Node]) -> None:
     seen: set[fx.Node] = set()
     for node in region.nodes:
         for source in node.all_input_nodes:
@@ -433,7 +436,7 @@ def _classify_values(region: Region, members: set[fx.Node], order: dict[fx.Node,
             region.outputs.append(node)
     _simulate(region, members)
     # outputs the loop writes into a dying input's storage cost no new buffer
-    region.output_bytes -= sum(_nbytes(out) for out in reusable_inputs(region, order))
+    region.output_bytes -= sum(_nbytes(out) for out in reusable_inputs(region, order, alias))
 
 
 def _simulate(region: Region, members: set[fx.Node]) -> None:
@@ -480,7 +483,8 @@ def _simulate(region: Region, members: set[fx.Node]) -> None:
                     counted.discard(ref)
 
 
-def reusable_inputs(region: Region, position: dict[fx.Node, int]) -> dict[fx.Node, fx.Node]:
+def reusable_inputs(region: Region, position: dict[fx.Node, int],
+                    alias: dict[fx.Node, fx.Node]) -> dict[fx.Node, fx.Node]:
     """For outputs of the region that can be written into one of its inputs, that input.
 
     Legal when the input's storage is an intermediate (no graph input, weight or constant)
@@ -488,11 +492,11 @@ def reusable_inputs(region: Region, position: dict[fx.Node, int]) -> dict[fx.Nod
     it through that one node only, always at the chunk it is computing, with the output's
     shape, dtype and chunk location, and the output does not itself alias it. Then chunk i
     of the output overwrites exactly chunk i of the input, which no later chunk reads.
-    Storage sharing is judged conservatively (liveness.may_alias_classes)."""
+    Storage sharing is judged conservatively: `alias` is liveness.may_alias_classes of
+    the graph as it is now (one walk of the graph, shared by all regions found on it)."""
     members = set(region.nodes)
     graph = region.nodes[0].graph
     start = min(position[n] for n in region.nodes)
-    alias = may_alias_classes(graph)
     reads: dict[fx.Node, set[Location | None]] = {}
     for node in region.nodes:
         for arg, loc in zip(tensor_inputs(node), region.slicings[node].inputs):

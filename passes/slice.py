@@ -28,7 +28,7 @@ from fmecompile.config import Config
 
 from .axes import AxisAnalysis, analyze
 from .chunk_loops import emit_region
-from .liveness import predicted_peak
+from .liveness import may_alias_classes, predicted_peak
 from .manager import PassResult, copy_with_map, refresh_meta
 from .regions import (BATCH, SPATIAL, TEMPORAL, Region, batch_candidates, find_regions,
                       full_dim_candidates, rebuild)
@@ -141,11 +141,12 @@ def apply_plan(gm: fx.GraphModule, plan: SlicePlan, counts: dict[Key, int],
         refresh_meta(gm)
     analysis = analyze(gm) if copies else plan.analysis
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    alias = may_alias_classes(gm.graph) if copies else None
     emitting = []
     for index, region in enumerate(plan.inner):
         key = ("inner", index)
         for nodes in _instances(region, copies):
-            instance = rebuild(region, nodes, analysis, order) if copies else region
+            instance = rebuild(region, nodes, analysis, order, alias) if copies else region
             if instance is not None and min(counts[key], instance.extent) >= 2:
                 emitting.append((key, instance))
     for key, region in emitting:  # all rebuilt before any is emitted: emitting changes the graph
