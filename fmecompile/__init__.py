@@ -5,15 +5,20 @@ outputs.
     import fmecompile as fme
     compiled = fme.compile(unet, kwargs=example_inputs, config=fme.Config(passes=("slice", "group")))
     unet = torch.compile(unet, backend="fme", options={"passes": ("slice", "group")})
+    fme.optimize(pipe)    # a whole SVD / AnimateDiff pipeline: its UNet and VAE decoder
 """
 import logging
 
+from .artifacts import load, save
 from .compiled import CompiledModule, compile
 from .config import Config
-from .errors import CaptureError, ConfigError, FmeError, InputError
+from .errors import ArtifactError, CaptureError, ConfigError, FmeError, InputError
+from .optimize import optimize, restore
+from .rehash import Calibration, calibrate
 
 __version__ = "0.1.0"
 __all__ = ["CompiledModule", "compile", "Config", "FmeError", "ConfigError", "CaptureError",
-           "InputError", "__version__"]
+           "InputError", "__version__", "save", "load", "ArtifactError", "optimize", "restore",
+           "calibrate", "Calibration"]
 
 logging.getLogger("fmecompile").addHandler(logging.NullHandler())

@@ -35,6 +35,11 @@ def fme_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: dict
             f"options are the fields of fmecompile.Config"
         )
     config = Config.from_options(options)
+    if "rehash" in config.passes:
+        # Step state lives across calls, keyed by the timestep argument; dynamo hands over
+        # graphs of flattened tensors that it may split or re-guard at will.
+        raise ConfigError("the rehash pass runs in fmecompile.compile(...) and fmecompile.optimize(pipe), "
+                          "not in the torch.compile backend; use those, or drop 'rehash' from passes")
     check_passes_available(config)
     return SpecializingGraph(gm, config)
 

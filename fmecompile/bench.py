@@ -22,25 +22,27 @@ import torch.utils._pytree as pytree
 from . import __version__, zoo
 from .compiled import CompiledModule, capture, split_method
 from .config import Config
-from .meters import MemoryReading, measure_memory, time_call
+from .meters import MemoryReading, count_flops, measure_memory, time_call
 
 log = logging.getLogger("fmecompile")
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-BASELINES = ("forward-chunking", "inductor")
+BASELINES = ("forward-chunking", "inductor", "decode-chunking")
 
 
 @dataclass
 class Variant:
     """One column of a comparison: stock eager (config None), a compiled config, or a
     baseline: diffusers' own `enable_forward_chunking` (feed-forward layers in chunks of
-    one), or stock under `torch.compile` (Inductor)."""
+    one), the SVD pipeline's `decode_chunk_size` (the VAE decodes `chunk_size` frames per
+    call, default 1), or stock under `torch.compile` (Inductor)."""
 
     label: str
     config: Config | None
     baseline: str | None = None
+    chunk_size: int | None = None
 
 
 @dataclass
@@ -77,8 +79,10 @@ class Case:
         return DTYPES[self.dtype]
 
 
-def compare(case: Case, variants: Sequence[Variant], repeats: int = 3, warmup: int = 1) -> dict[str, Any]:
-    """Measures every variant on the same model and inputs; returns the JSON-ready result."""
+def compare(case: Case, variants: Sequence[Variant], repeats: int = 3, warmup: int = 1,
+            flops: bool = False) -> dict[str, Any]:
+    """Measures every variant on the same model and inputs; returns the JSON-ready result.
+    flops: also count the FLOPs of one stock eager call (result["flops"])."""
     log.info("building %s (%s, %s) with seed %d", case.model, case.dtype, case.device, case.seed)
     model = zoo.build_model(case.model, dtype=case.torch_dtype, device=case.device, seed=case.seed)
     inputs = zoo.example_inputs(case.model, batch=case.batch, frames=case.frames, height=case.height,
@@ -94,7 +98,7 @@ def compare(case: Case, variants: Sequence[Variant], repeats: int = 3, warmup: i
     captured = None
     for variant in variants:
         if variant.baseline is not None:
-            fn, compile_s, report = _baseline(variant.baseline, module, target, inputs)
+            fn, compile_s, report = _baseline(variant.baseline, module, target, inputs, variant.chunk_size)
         elif variant.config is None:
             fn: Callable[[], Any] = lambda: target(**inputs)
             compile_s, report = None, {}
@@ -124,14 +128,22 @@ def compare(case: Case, variants: Sequence[Variant], repeats: int = 3, warmup: i
         "warmup": warmup,
         "rows": [asdict(r) for r in rows],
         "environment": environment(case.device),
+        **({"flops": _stock_flops(target, inputs)} if flops else {}),
     }
 
 
-def _baseline(name: str, module: torch.nn.Module, target: Callable[..., Any],
-              inputs: dict[str, Any]) -> tuple[Callable[[], Any], float | None, dict[str, Any]]:
+def _stock_flops(target: Callable[..., Any], inputs: dict[str, Any]) -> int:
+    with torch.inference_mode():
+        return count_flops(lambda: target(**inputs))
+
+
+def _baseline(name: str, module: torch.nn.Module, target: Callable[..., Any], inputs: dict[str, Any],
+              chunk_size: int | None = None) -> tuple[Callable[[], Any], float | None, dict[str, Any]]:
     if name == "forward-chunking":
         _set_forward_chunking(module, 1)
         return (lambda: target(**inputs)), None, {}
+    if name == "decode-chunking":
+        return (lambda: decode_in_chunks(target, inputs, chunk_size or 1)), None, {}
     compiled = torch.compile(target)
     start = time.perf_counter()
     with torch.inference_mode():
@@ -148,6 +160,23 @@ def _set_forward_chunking(module: torch.nn.Module, chunk_size: int | None) -> No
         raise ValueError(f"{type(module).__name__} has no feed-forward layers to chunk")
     for block in blocks:
         block.set_chunk_feed_forward(chunk_size, dim=1)
+
+
+def decode_in_chunks(decode: Callable[..., Any], inputs: dict[str, Any], frames_per_call: int) -> Any:
+    """What the SVD pipeline does with `decode_chunk_size`: decode the flattened
+    (batch x frames) latents a few frames per call and concatenate. The temporal decoder
+    mixes frames, so the output differs from decoding all frames at once."""
+    from diffusers.models.autoencoders.vae import DecoderOutput
+
+    from .errors import ConfigError
+
+    if set(inputs) != {"z", "num_frames"}:
+        raise ConfigError(f"decode-chunking applies to the temporal VAE's decode(z, num_frames) "
+                          f"(--model svd-vae), not to a call with inputs {sorted(inputs)}")
+    z = inputs["z"]
+    parts = [decode(z=z[i:i + frames_per_call], num_frames=len(z[i:i + frames_per_call])).sample
+             for i in range(0, len(z), frames_per_call)]
+    return DecoderOutput(sample=torch.cat(parts))
 
 
 def _row(variant: Variant, memory: MemoryReading, times: list[float], compile_s: float | None,

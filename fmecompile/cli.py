@@ -1,4 +1,4 @@
-"""The `fme` command: `fme demo`, `fme bench`."""
+"""The `fme` command: `fme demo`, `fme bench`, `fme ablate`, `fme compile`."""
 from __future__ import annotations
 
 import argparse
@@ -11,6 +11,7 @@ from typing import Sequence
 import torch
 
 from . import zoo
+from .ablation import DEFAULT_CHUNKS, run_ablation
 from .bench import BASELINES, DTYPES, Case, Variant, compare, format_table, write_json
 from .config import EXACT_PASSES, Config, parse_bytes
 from .errors import ConfigError, FmeError
@@ -41,15 +42,12 @@ def _parser() -> argparse.ArgumentParser:
     demo.set_defaults(run=run_demo)
 
     bench = sub.add_parser("bench", help="stock eager against fmecompile for one configuration")
-    bench.add_argument("--model", required=True,
-                       help=f"one of {list(zoo.MODELS)} (append -tiny for the small variant)")
-    bench.add_argument("--frames", type=int, help="frames (default: the model's own)")
-    bench.add_argument("--height", type=int, help="height in pixels (default: the model's own)")
-    bench.add_argument("--width", type=int, help="width in pixels (default: the model's own)")
-    bench.add_argument("--batch", type=int, default=2, help="batch incl. guidance (default 2)")
-    bench.add_argument("--dtype", choices=list(DTYPES), default=None,
-                       help="default fp16 on cuda, fp32 on cpu")
-    bench.add_argument("--device", default=None, help="default cuda if available, else cpu")
+    _add_case_arguments(bench, model_required=False)
+    bench.add_argument("--pipeline", choices=["svd", "animatediff"],
+                       help="instead of --model: a whole pipeline, stock against fmecompile.optimize")
+    bench.add_argument("--steps", type=int, help="--pipeline: denoising steps (default 25, --tiny 2)")
+    bench.add_argument("--tiny", action="store_true",
+                       help="--pipeline: narrow components, small default sizes (for CPU)")
     bench.add_argument("--passes", default=",".join(EXACT_PASSES),
                        help="comma-separated passes, or 'none' for the identity compile")
     bench.add_argument("--spatial-chunks", type=int)
@@ -59,10 +57,66 @@ def _parser() -> argparse.ArgumentParser:
                        help=f"also measure these, comma-separated: {', '.join(BASELINES)}")
     bench.add_argument("--repeats", type=int, default=3, help="timed runs (median reported)")
     bench.add_argument("--warmup", type=int, default=1)
-    bench.add_argument("--seed", type=int, default=0)
     bench.add_argument("--json", help="where to write the JSON (default: bench-<case>.json)")
     bench.set_defaults(run=run_bench)
+
+    ablate = sub.add_parser("ablate", help="every exact pass combination, a chunk-count sweep, diffusers' "
+                                           "memory options and Inductor against stock eager; writes "
+                                           "a table (md), raw JSON and a memory/latency plot (png)")
+    _add_case_arguments(ablate)
+    ablate.add_argument("--chunks", default=",".join(map(str, DEFAULT_CHUNKS)),
+                        help="chunk counts of the slicer sweep, also the frame splits of decode_chunk_size "
+                             "(default %(default)s)")
+    ablate.add_argument("--baselines", default=None,
+                        help="comma-separated subset of forward-chunking (UNets) or decode-chunking (VAE), "
+                             "and inductor (default: all that apply)")
+    ablate.add_argument("--repeats", type=int, default=3, help="timed runs (median reported)")
+    ablate.add_argument("--warmup", type=int, default=1)
+    ablate.add_argument("--out", default=".", help="folder for ablation-<case>.md/.json/.png")
+    ablate.set_defaults(run=run_ablate)
+
+    compile_ = sub.add_parser("compile", help="compile a model for one input signature and save the "
+                                              "artifact (load it with fmecompile.load(path, model))")
+    _add_case_arguments(compile_)
+    compile_.add_argument("--passes", default=",".join(EXACT_PASSES),
+                          help="comma-separated passes, or 'none' for the identity compile")
+    compile_.add_argument("--spatial-chunks", type=int)
+    compile_.add_argument("--temporal-chunks", type=int)
+    compile_.add_argument("--memory-budget", help="activation budget, e.g. 1GiB")
+    compile_.add_argument("--out", required=True, help="the artifact to write, e.g. svd-unet.fme")
+    compile_.set_defaults(run=run_compile)
     return parser
+
+
+def _add_case_arguments(parser: argparse.ArgumentParser, model_required: bool = True) -> None:
+    parser.add_argument("--model", required=model_required,
+                        help=f"one of {list(zoo.MODELS)} (append -tiny for the small variant)")
+    parser.add_argument("--frames", type=int, help="frames (default: the model's own)")
+    parser.add_argument("--height", type=int, help="height in pixels (default: the model's own)")
+    parser.add_argument("--width", type=int, help="width in pixels (default: the model's own)")
+    parser.add_argument("--batch", type=int, default=2, help="batch incl. guidance (default 2)")
+    parser.add_argument("--dtype", choices=list(DTYPES), default=None,
+                        help="default fp16 on cuda, fp32 on cpu")
+    parser.add_argument("--device", default=None, help="default cuda if available, else cpu")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def _case_from_arguments(args: argparse.Namespace) -> Case:
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = args.dtype or ("fp16" if torch.device(device).type == "cuda" else "fp32")
+    frames, height, width = (d if v is None else v for v, d in
+                             zip((args.frames, args.height, args.width), zoo.default_shape(args.model)))
+    return Case(args.model, args.batch, frames, height, width, dtype, device, args.seed)
+
+
+def _config_from_arguments(args: argparse.Namespace) -> Config:
+    passes = () if args.passes.strip().lower() in ("none", "") else args.passes
+    return Config(passes=passes, spatial_chunks=args.spatial_chunks, temporal_chunks=args.temporal_chunks,
+                  memory_budget=parse_bytes(args.memory_budget) if args.memory_budget else None)
+
+
+def _comma_list(text: str | None) -> list[str] | None:
+    return None if text is None else [part.strip() for part in text.split(",") if part.strip()]
 
 
 def run_demo(args: argparse.Namespace) -> int:
@@ -87,15 +141,12 @@ def run_demo(args: argparse.Namespace) -> int:
 
 
 def run_bench(args: argparse.Namespace) -> int:
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = args.dtype or ("fp16" if torch.device(device).type == "cuda" else "fp32")
-    frames, height, width = (d if v is None else v for v, d in
-                             zip((args.frames, args.height, args.width), zoo.default_shape(args.model)))
-    case = Case(args.model, args.batch, frames, height, width, dtype, device, args.seed)
-    passes = () if args.passes.strip().lower() in ("none", "") else args.passes
-    config = Config(passes=passes, spatial_chunks=args.spatial_chunks,
-                    temporal_chunks=args.temporal_chunks,
-                    memory_budget=parse_bytes(args.memory_budget) if args.memory_budget else None)
+    if args.pipeline:
+        return run_pipeline_bench(args)
+    if not args.model:
+        raise ConfigError("fme bench needs --model (one model) or --pipeline (a whole pipeline)")
+    case = _case_from_arguments(args)
+    config = _config_from_arguments(args)
     label = f"fme passes={','.join(config.passes) or 'none'}"
     baselines = [b.strip() for b in args.baselines.split(",") if b.strip()]
     unknown = [b for b in baselines if b not in BASELINES]
@@ -106,8 +157,59 @@ def run_bench(args: argparse.Namespace) -> int:
     result = compare(case, variants + [Variant(label, config)], repeats=args.repeats, warmup=args.warmup)
     print(format_table(result))
     path = args.json or (f"bench-{case.model}-f{case.frames}-{case.height}x{case.width}"
-                         f"-b{case.batch}-{case.dtype}-{torch.device(device).type}.json")
+                         f"-b{case.batch}-{case.dtype}-{torch.device(case.device).type}.json")
     print(f"wrote {write_json(result, path)}")
+    return 0
+
+
+def run_pipeline_bench(args: argparse.Namespace) -> int:
+    from .pipeline_bench import PipelineCase, compare_pipelines, default_settings
+    from .pipeline_bench import format_table as format_pipeline_table
+
+    if args.model:
+        raise ConfigError("give --model or --pipeline, not both")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = args.dtype or ("fp16" if torch.device(device).type == "cuda" else "fp32")
+    frames, height, width, steps = (d if v is None else v for v, d in zip(
+        (args.frames, args.height, args.width, args.steps), default_settings(args.pipeline, args.tiny)))
+    case = PipelineCase(args.pipeline, args.tiny, frames, height, width, steps, dtype, device, args.seed)
+    config = _config_from_arguments(args)
+    result = compare_pipelines(case, config, repeats=args.repeats)
+    print(format_pipeline_table(result))
+    path = args.json or (f"bench-pipeline-{case.pipeline}{'-tiny' if case.tiny else ''}-f{frames}"
+                         f"-{height}x{width}-s{steps}-{dtype}-{torch.device(device).type}.json")
+    print(f"wrote {write_json(result, path)}")
+    return 0
+
+
+def run_compile(args: argparse.Namespace) -> int:
+    from .artifacts import save
+    from .compiled import compile as compile_module
+
+    case = _case_from_arguments(args)
+    config = _config_from_arguments(args)
+    model = zoo.build_model(case.model, dtype=case.torch_dtype, device=case.device, seed=case.seed)
+    inputs = zoo.example_inputs(case.model, batch=case.batch, frames=case.frames, height=case.height,
+                                width=case.width, dtype=case.torch_dtype, device=case.device, seed=case.seed)
+    compiled = compile_module(zoo.compile_target(case.model, model), kwargs=inputs, config=config)
+    path = save(compiled, args.out)
+    print(f"wrote {path} ({path.stat().st_size / 2**20:.2f} MiB): {case.model} with passes "
+          f"{','.join(config.passes) or 'none'}, compiled in {compiled.compile_seconds:.1f}s; load it with "
+          f"fmecompile.load({str(path)!r}, model)")
+    return 0
+
+
+def run_ablate(args: argparse.Namespace) -> int:
+    case = _case_from_arguments(args)
+    try:
+        chunks = [int(c) for c in _comma_list(args.chunks)]
+    except ValueError:
+        raise ConfigError(f"--chunks takes comma-separated integers, e.g. 2,4,8; got {args.chunks!r}") from None
+    paths = run_ablation(case, args.out, chunks=chunks, baselines=_comma_list(args.baselines),
+                         repeats=args.repeats, warmup=args.warmup)
+    print(paths["md"].read_text())
+    for path in paths.values():
+        print(f"wrote {path}")
     return 0
 
 

@@ -23,8 +23,9 @@ import torch.utils._pytree as pytree
 
 from .capture import GraphInput, capture_export, describe_inputs
 from .config import Config
-from .errors import FmeError, InputError
-from fmecompile.passes import run_passes
+from .errors import ConfigError, FmeError, InputError
+from .rehash import TIMESTEP_ARGUMENT, StepRunner
+from fmecompile.passes import compile_graphs
 from fmecompile.passes.manager import check_passes_available
 
 log = logging.getLogger("fmecompile")
@@ -73,24 +74,48 @@ def capture(module: torch.nn.Module, method: str, kwargs: dict[str, Any]) -> Cap
 
 
 class Program:
-    """A compiled graph for one input signature, and how to call it: parameters and
+    """The compiled graphs for one input signature, and how to call them: parameters and
     buffers are read from the module at every call (so `.to()` and weight updates are
-    seen), user inputs are the flattened call arguments."""
+    seen), user inputs are the flattened call arguments.
 
-    def __init__(self, captured: Captured, config: Config, module: torch.nn.Module) -> None:
-        start = time.perf_counter()
-        self.graph_module, self.report = run_passes(captured.graph_module, config)
-        self.compile_seconds = captured.seconds + time.perf_counter() - start
+    graphs: {"main": gm} after the exact passes; with rehash {"full": gm, "partial": gm},
+    where the full graph also returns the cached feature (last) and the partial graph takes
+    it as its last placeholder (GraphInput kind "cache"). Built by `Program.compile` from a
+    capture, or directly from saved graphs (artifacts), which runs no pass."""
+
+    def __init__(self, graphs: dict[str, fx.GraphModule], report: dict[str, Any], config: Config,
+                 inputs: list[GraphInput], constants: dict[str, torch.Tensor], in_spec: pytree.TreeSpec,
+                 out_spec: pytree.TreeSpec, module: torch.nn.Module, compile_seconds: float) -> None:
+        self.graphs = graphs
+        self.report = report
         self.config = config
-        self.in_spec = captured.in_spec
-        self.out_spec = captured.out_spec
+        self.inputs = inputs
+        self.constants = constants
+        self.in_spec = in_spec
+        self.out_spec = out_spec
+        self.compile_seconds = compile_seconds
         user_index = itertools.count()
-        self._feeds = [_feed(role, module, captured.constants, user_index) for role in captured.inputs]
+        self._feeds = [_feed(role, module, constants, user_index) for role in inputs]
 
-    def __call__(self, kwargs: dict[str, Any]) -> Any:
+    @classmethod
+    def compile(cls, captured: Captured, config: Config, module: torch.nn.Module) -> "Program":
+        start = time.perf_counter()
+        graphs, report = compile_graphs(captured.graph_module, config)
+        return cls(graphs, report, config, captured.inputs, captured.constants, captured.in_spec,
+                   captured.out_spec, module, captured.seconds + time.perf_counter() - start)
+
+    @property
+    def graph_module(self) -> fx.GraphModule:
+        """The main graph (the full one under rehash)."""
+        return self.graphs.get("main") or self.graphs["full"]
+
+    def __call__(self, kwargs: dict[str, Any], steps: StepRunner | None = None) -> Any:
         user_leaves = pytree.tree_leaves(((), kwargs))
         flat = [feed(user_leaves) for feed in self._feeds]
-        out = self.graph_module(*flat)
+        if "main" in self.graphs:
+            out = self.graphs["main"](*flat)
+        else:
+            out = steps.run(self, flat, kwargs)
         return pytree.tree_unflatten(list(out), self.out_spec)
 
 
@@ -114,7 +139,8 @@ class CompiledModule(torch.nn.Module):
 
     `report` maps each applied pass to what it did, and `graph_module` is the rewritten
     canonical graph, both of the most recently used input signature; `fme_config` is the
-    compilation's Config. Attributes the compiled module does not have (`config`, `dtype`,
+    compilation's Config. With the rehash pass, `steps` is the StepRunner that counts
+    denoising steps (see fmecompile/rehash.py) and `report["rehash"]` shows the schedule. Attributes the compiled module does not have (`config`, `dtype`,
     `device`, ...) are read from the original, so code that inspects the module (diffusers
     pipelines do) keeps working.
     """
@@ -135,6 +161,10 @@ class CompiledModule(torch.nn.Module):
         self._signature = inspect.signature(getattr(module, method))
         self._programs: dict[Hashable, Program] = {}
         self._current: Program | None = None
+        self.steps = StepRunner(config) if "rehash" in config.passes else None
+        if self.steps is not None and TIMESTEP_ARGUMENT not in self._signature.parameters:
+            raise ConfigError(f"rehash counts denoising steps by a `{TIMESTEP_ARGUMENT}` argument, and "
+                              f"{type(module).__name__}.{method}{self._signature} has none")
 
     # -- calling ----------------------------------------------------------------------
 
@@ -144,7 +174,7 @@ class CompiledModule(torch.nn.Module):
         if program is None:
             program = self._specialize(bound)
         self._current = program
-        return program(bound)
+        return program(bound, self.steps)
 
     def bind(self, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
         """The call's arguments by name, defaults filled in, as the module would see them."""
@@ -187,7 +217,7 @@ class CompiledModule(torch.nn.Module):
 
     def add_program(self, captured: Captured, named: dict[str, Any]) -> Program:
         """Compiles `captured` with this module's config and keeps it for `named`'s signature."""
-        program = Program(captured, self.fme_config, self.module)
+        program = Program.compile(captured, self.fme_config, self.module)
         self._programs[self._key(named)] = program
         self._current = program
         return program
@@ -196,7 +226,23 @@ class CompiledModule(torch.nn.Module):
 
     @property
     def report(self) -> dict[str, Any]:
-        return self._require_program().report
+        report = self._require_program().report
+        if self.steps is not None:
+            report = {**report, "rehash": {**report["rehash"], **self.steps.describe()}}
+        return report
+
+    def set_schedule(self, schedule: Any, source: str = "explicit",
+                     calibration: dict[str, Any] | None = None) -> None:
+        """Sets the rehash step schedule (one flag per step, True = full) from now on."""
+        if self.steps is None:
+            raise ConfigError("set_schedule needs a module compiled with the rehash pass")
+        schedule = tuple(schedule)
+        full_steps = sum(schedule) if self.fme_config.full_steps is not None else None
+        self.fme_config = self.fme_config.replace(schedule=schedule, num_steps=len(schedule),
+                                                  full_steps=full_steps)
+        self.steps.schedule, self.steps.source = self.fme_config.schedule, source
+        self.steps.calibration = calibration
+        self.steps.reset()
 
     @property
     def graph_module(self) -> fx.GraphModule:

@@ -10,13 +10,15 @@ from typing import Any, Mapping
 from .errors import ConfigError
 
 # The order passes run in, whatever order the user lists them: grouping fuses the ops of
-# the slicer's chunk loops, and rehash cuts the finished graph at its cache point.
+# the slicer's chunk loops. Rehash is listed last but acts first: it cuts the canonical
+# graph at its cache point, and slice and group then rewrite each part (a cut after
+# slicing could fall inside a chunk loop, where the cached tensor never exists whole).
 PASS_ORDER = ("slice", "group", "rehash")
 EXACT_PASSES = ("slice", "group")
 # The chains the group pass fuses (passes/group.py), longest first.
 GROUP_PATTERNS = ("group_norm_silu", "group_norm_add", "gn_apply_silu", "alpha_blend", "residual_add",
                   "unit_scale", "geglu", "layer_norm")
-REHASH_FIELDS = ("schedule", "num_steps", "full_steps", "rehash_threshold")
+REHASH_FIELDS = ("schedule", "num_steps", "full_steps", "rehash_threshold", "cache_point")
 
 
 @dataclass(frozen=True)
@@ -37,6 +39,9 @@ class Config:
     schedule: rehash step schedule, one flag per denoising step, True = full step.
     num_steps / full_steps: rehash with K = full_steps of N = num_steps steps run in full.
     rehash_threshold: gamma of the key-step search (calibration), in (0, 1].
+    cache_point: module path whose output rehash caches (e.g. "up_blocks.2" for a
+        DeepCache-like deeper cut); None: the paper's point, the output of the last up
+        block (its last temporal layers).
     group_patterns: which of the group pass's patterns (GROUP_PATTERNS) to fuse; None: all.
     """
 
@@ -49,6 +54,7 @@ class Config:
     num_steps: int | None = None
     full_steps: int | None = None
     rehash_threshold: float | None = None
+    cache_point: str | None = None
     group_patterns: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
@@ -82,10 +88,23 @@ class Config:
                 raise ConfigError(
                     f"schedule has {len(self.schedule)} steps but num_steps={self.num_steps}"
                 )
+        if "rehash" in self.passes and self.schedule is None and self.full_steps is None \
+                and self.rehash_threshold is None:
+            raise ConfigError(
+                "the rehash pass needs a step schedule: schedule=(True, False, ...) (True = full), "
+                "num_steps=N with full_steps=K, or rehash_threshold=gamma with fmecompile.calibrate"
+            )
+        if self.cache_point is not None and (not isinstance(self.cache_point, str) or not self.cache_point):
+            raise ConfigError(f"cache_point must be a module path such as 'up_blocks.3', got {self.cache_point!r}")
         if self.rehash_threshold is not None:
             gamma = self.rehash_threshold
             if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not 0 < gamma <= 1:
                 raise ConfigError(f"rehash_threshold must be a number in (0, 1], got {gamma!r}")
+
+    def without_rehash(self) -> "Config":
+        """This config for parts that take no rehash (a VAE): exact passes only."""
+        return self.replace(passes=tuple(p for p in self.passes if p != "rehash"),
+                            **{name: None for name in REHASH_FIELDS})
 
     def replace(self, **changes: Any) -> "Config":
         return dataclasses.replace(self, **changes)

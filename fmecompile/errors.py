@@ -15,3 +15,8 @@ class CaptureError(FmeError):
 
 class InputError(FmeError, ValueError):
     """The inputs do not fit the model (or the compiled artifact)."""
+
+
+class ArtifactError(FmeError):
+    """A saved artifact cannot be loaded: damaged, from an incompatible version, or made
+    for another model or other inputs."""

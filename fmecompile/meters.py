@@ -135,3 +135,20 @@ def time_call(fn: Callable[[], Any], device: torch.device | str, repeats: int = 
             on_step(i + 1, repeats)
     return times
 
+
+
+def count_flops(fn: Callable[[], Any]) -> int:
+    """FLOPs of one call of `fn()`, from torch's FlopCounterMode (matrix products,
+    convolutions and attention; elementwise ops count zero). On CPU, attention runs as
+    `_scaled_dot_product_flash_attention_for_cpu`, which torch's table lacks: it is counted
+    with the formula torch uses for the GPU attention kernels."""
+    from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+
+    def attention_flops(query_shape, key_shape, value_shape, *args, **kwargs) -> int:
+        return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+    cpu_attention = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    counter = FlopCounterMode(display=False, custom_mapping={cpu_attention: attention_flops})
+    with counter:
+        fn()
+    return counter.get_total_flops()

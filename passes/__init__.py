@@ -4,6 +4,6 @@ Each pass is a function `(GraphModule, Config) -> PassResult` over the canonical
 (see `fmecompile.capture`). The manager copies the graph once, runs the selected passes in
 `PASS_ORDER`, and checks the graph after each one.
 """
-from .manager import PassResult, available_passes, run_passes
+from .manager import PassResult, available_passes, compile_graphs, run_passes
 
-__all__ = ["PassResult", "available_passes", "run_passes"]
+__all__ = ["PassResult", "available_passes", "compile_graphs", "run_passes"]

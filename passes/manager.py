@@ -34,6 +34,8 @@ Pass = Callable[[fx.GraphModule, Config], PassResult]
 _PASS_ENTRY_POINTS: dict[str, str] = {
     "slice": "fmecompile.passes.slice:slice_pass",
     "group": "fmecompile.passes.group:group_pass",
+    # Not a graph-to-graph pass: compile_graphs cuts the graph in two, then runs the others.
+    "rehash": "fmecompile.passes.rehash:cut",
 }
 
 
@@ -88,9 +90,32 @@ def refresh_meta(gm: fx.GraphModule) -> None:
     FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*inputs)
 
 
+def compile_graphs(gm: fx.GraphModule, config: Config) -> tuple[dict[str, fx.GraphModule], dict[str, Any]]:
+    """The graphs one program runs, and the report: {"main": gm} after the exact passes;
+    with rehash, {"full": ..., "partial": ...}, the two sides of the cut (passes/rehash.py),
+    each rewritten by the exact passes. The report's slice and group entries describe the
+    main or full graph; report["rehash"]["partial"] has the partial graph's."""
+    if "rehash" not in config.passes:
+        main, report = run_passes(gm, config)
+        return {"main": main}, report
+    from .rehash import cut, default_cache_point
+
+    path = config.cache_point or default_cache_point(gm)
+    start = time.perf_counter()
+    full, partial, cut_report = cut(gm, path)
+    log.info("rehash: cut at %s (%d of %d nodes run on reused steps) in %.2fs", path,
+             cut_report["nodes_partial"], cut_report["nodes_full"], time.perf_counter() - start)
+    exact = config.without_rehash()
+    full, report = run_passes(full, exact)
+    partial, partial_report = run_passes(partial, exact)
+    report["rehash"] = {**cut_report, "partial": partial_report}
+    return {"full": full, "partial": partial}, report
+
+
 def run_passes(gm: fx.GraphModule, config: Config) -> tuple[fx.GraphModule, dict[str, Any]]:
-    """Applies `config.passes` to a copy of `gm`; returns the new graph and the report."""
-    passes = [(name, _load_pass(name)) for name in config.passes]
+    """Applies the graph-to-graph passes of `config` (all but rehash, see compile_graphs) to
+    a copy of `gm`; returns the new graph and the report."""
+    passes = [(name, _load_pass(name)) for name in config.passes if name != "rehash"]
     expected_outputs = _output_signature(gm)
     gm = copy_graph_module(gm)
     report: dict[str, Any] = {}

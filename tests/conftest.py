@@ -61,3 +61,15 @@ def reference_kernels(monkeypatch):
     kernels are checked against those references in test_kernels.py."""
     if not torch.cuda.is_available():
         monkeypatch.setenv("TRITON_INTERPRET", "0")
+
+
+@pytest.fixture(scope="module")
+def reference_kernels_module():
+    """reference_kernels for a whole test module, so module-scoped fixtures that compile and
+    run a model once (for several tests to check) run the references too."""
+    if torch.cuda.is_available():
+        yield
+        return
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TRITON_INTERPRET", "0")
+        yield

@@ -1,0 +1,224 @@
+"""`optimize(pipe)`: one line that compiles a pipeline's denoising UNet and VAE decoder, and
+`restore(pipe)`, which puts the original modules back.
+
+    import fmecompile as fme
+    summary = fme.optimize(pipe)        # pipe(...) now runs the compiled UNet and decoder
+    fme.restore(pipe)                   # and now the stock modules again
+
+Both parts compile lazily, on their first call, once per input signature (see
+`CompiledModule`). The UNet gets the whole config; the VAE decoder the config without rehash,
+which is approximate and only meant for the UNet's denoising steps. Each video's frames are
+decoded in one call (SVD's `decode_chunk_size` is overridden): the compiled decoder slices
+them itself, and SVD's temporal decoder gives a different result on partial chunks.
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from .compiled import CompiledModule
+from .config import Config
+from .errors import FmeError
+
+log = logging.getLogger("fmecompile")
+
+# Where optimize keeps what it replaced, on the optimized object itself.
+STATE_ATTRIBUTE = "_fme_optimized"
+SUPPORTED = ("a diffusers pipeline (or any object) with a `unet` nn.Module, compiled whole, "
+             "and/or a `vae` nn.Module with a `decode` method, whose decode is compiled; "
+             "StableVideoDiffusionPipeline and AnimateDiffPipeline are the ones measured")
+
+
+@dataclass
+class OptimizeSummary:
+    """What `optimize` did: the compiled parts (`modules`: name -> its CompiledModule, whose
+    `report` says what the passes did once it has run) and the parts left as they were, with
+    the reason."""
+
+    modules: dict[str, CompiledModule] = field(default_factory=dict)
+    left: dict[str, str] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        lines = [f"compiled {name} ({type(m.module).__name__}.{m.method}, passes "
+                 f"{','.join(m.fme_config.passes) or 'none'})" for name, m in self.modules.items()]
+        lines += [f"left {name} as it is: {why}" for name, why in self.left.items()]
+        return "\n".join(lines + self.notes)
+
+
+@dataclass
+class _Replaced:
+    """The originals `restore` puts back."""
+
+    unet: torch.nn.Module | None = None
+    vae: torch.nn.Module | None = None
+    decode_latents: bool = False
+
+
+def optimize(pipe: Any, config: Config | None = None) -> OptimizeSummary:
+    """Compiles `pipe.unet` and `pipe.vae.decode` with `config` (default: Config(), the exact
+    passes) in place; `pipe(...)` then runs as before, with the same outputs within rounding.
+    Every component should be on its device before (no CPU offload hooks)."""
+    config = config if config is not None else Config()
+    if not isinstance(config, Config):
+        raise FmeError(f"config must be an fmecompile.Config, got {type(config).__name__}")
+    if getattr(pipe, STATE_ATTRIBUTE, None) is not None:
+        raise FmeError(f"this {type(pipe).__name__} is already optimized; call "
+                       f"fmecompile.restore(pipe) first to optimize it with another config")
+    summary = OptimizeSummary()
+    replaced = _Replaced()
+    unet, vae = getattr(pipe, "unet", None), getattr(pipe, "vae", None)
+
+    # Every CompiledModule is made before anything is installed: a bad config fails here
+    # and leaves the pipeline untouched.
+    compiled_unet = _compile_part("unet", unet, config, "forward", summary)
+    compiled_decode = _compile_part("vae", vae, config.without_rehash(), "decode", summary)
+    if compiled_unet is None and compiled_decode is None:
+        raise FmeError(f"fmecompile.optimize found nothing to compile in {type(pipe).__name__} "
+                       f"({'; '.join(f'{k}: {v}' for k, v in summary.left.items())}). It supports "
+                       f"{SUPPORTED}. To compile a module itself, use fmecompile.compile(module, "
+                       f"kwargs=example_inputs) or fmecompile.CompiledModule(module).")
+
+    if compiled_unet is not None:
+        setattr(pipe, "unet", compiled_unet)
+        replaced.unet = unet
+        summary.modules["unet"] = compiled_unet
+    if compiled_decode is not None:
+        vae.__dict__["decode"] = _CompiledDecode(vae, compiled_decode)
+        replaced.vae = vae
+        summary.modules["vae.decode"] = compiled_decode
+        replaced.decode_latents = _decode_whole_videos(pipe, summary)
+    _note_other_components(pipe, summary)
+    object.__setattr__(pipe, STATE_ATTRIBUTE, replaced)
+    log.info("fmecompile.optimize(%s):\n%s", type(pipe).__name__, summary)
+    return summary
+
+
+def restore(pipe: Any) -> None:
+    """Undoes `optimize(pipe)`: the original UNet, the VAE's own decode and the pipeline's
+    own decode_latents are back, the very same objects."""
+    replaced = getattr(pipe, STATE_ATTRIBUTE, None)
+    if replaced is None:
+        raise FmeError(f"this {type(pipe).__name__} was not optimized by fmecompile.optimize; "
+                       f"nothing to restore")
+    if replaced.unet is not None:
+        setattr(pipe, "unet", replaced.unet)
+    if replaced.vae is not None:
+        del replaced.vae.__dict__["decode"]
+    if replaced.decode_latents:
+        del pipe.__dict__["decode_latents"]
+    object.__delattr__(pipe, STATE_ATTRIBUTE)
+
+
+def is_optimized(pipe: Any) -> bool:
+    return getattr(pipe, STATE_ATTRIBUTE, None) is not None
+
+
+# --- parts ---------------------------------------------------------------------------
+
+def _compile_part(name: str, part: Any, config: Config, method: str,
+                  summary: OptimizeSummary) -> CompiledModule | None:
+    if part is None:
+        summary.left[name] = "there is none"
+        return None
+    if isinstance(part, CompiledModule):
+        summary.left[name] = "it is already an fmecompile CompiledModule"
+        return None
+    if not isinstance(part, torch.nn.Module):
+        summary.left[name] = f"a {type(part).__name__}, not a torch.nn.Module"
+        return None
+    if not callable(getattr(type(part), method, None)):
+        summary.left[name] = f"{type(part).__name__} has no {method} method"
+        return None
+    if hasattr(part, "_orig_mod"):
+        summary.left[name] = "it is already wrapped by torch.compile; optimize the uncompiled module"
+        return None
+    return CompiledModule(part, config, method)
+
+
+class _CompiledDecode:
+    """Installed as the VAE instance's `decode`, so that the pipeline's `self.vae.decode(...)`
+    runs the compiled decoder while `pipe.vae` stays the VAE (its `encode`, `config`, `.to()`
+    are untouched). While the compiled module runs it is uninstalled: capturing a new input
+    signature calls `vae.decode`, which must then be the model's own method, not this one."""
+
+    def __init__(self, vae: torch.nn.Module, compiled: CompiledModule) -> None:
+        self.vae = vae
+        self.compiled = compiled
+        functools.update_wrapper(self, getattr(type(vae), "decode").__get__(vae))  # its signature
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        del self.vae.__dict__["decode"]
+        try:
+            return self.compiled(*args, **kwargs)
+        finally:
+            self.vae.__dict__["decode"] = self
+
+
+def _svd_frames_per_decode(arguments: dict[str, Any]) -> int:
+    # One video per call: the temporal decoder mixes the frames of one video, and decoding
+    # two videos as one would mix them.
+    return arguments["num_frames"]
+
+
+def _animatediff_frames_per_decode(arguments: dict[str, Any]) -> int:
+    # Latents are (batch, channels, frames, h, w) and the 2D VAE decodes frames one by one:
+    # every frame of every video in one call.
+    latents = arguments["latents"]
+    return latents.shape[0] * latents.shape[2]
+
+
+# Pipelines whose decode_latents(latents, ..., decode_chunk_size) is known, by class name.
+_FRAMES_PER_DECODE: dict[str, Callable[[dict[str, Any]], int]] = {
+    "StableVideoDiffusionPipeline": _svd_frames_per_decode,
+    "AnimateDiffPipeline": _animatediff_frames_per_decode,
+}
+
+
+def _decode_whole_videos(pipe: Any, summary: OptimizeSummary) -> bool:
+    """Makes the pipeline's decode_latents ignore decode_chunk_size and decode whole videos.
+    Returns whether it installed that."""
+    frames_per_decode = next((f for cls in type(pipe).__mro__
+                              for name, f in _FRAMES_PER_DECODE.items() if cls.__name__ == name), None)
+    original = getattr(pipe, "decode_latents", None)
+    if frames_per_decode is None or original is None:
+        if original is not None:
+            summary.notes.append(f"{type(pipe).__name__}.decode_latents is not known to fmecompile: "
+                                 f"pass a decode_chunk_size covering all frames (if it takes one)")
+        return False
+    signature = inspect.signature(original)
+
+    @functools.wraps(original)
+    def decode_latents(*args: Any, **kwargs: Any) -> Any:
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        chunk = frames_per_decode(bound.arguments)
+        if bound.arguments["decode_chunk_size"] != chunk:
+            log.info("fmecompile: decoding %d frames per VAE call instead of decode_chunk_size=%s: "
+                     "the compiled decoder slices them itself", chunk, bound.arguments["decode_chunk_size"])
+        bound.arguments["decode_chunk_size"] = chunk
+        return original(*bound.args, **bound.kwargs)
+
+    pipe.__dict__["decode_latents"] = decode_latents
+    summary.notes.append("decode_latents decodes whole videos per VAE call; a decode_chunk_size "
+                         "passed to the pipeline is ignored while it is optimized")
+    return True
+
+
+def _note_other_components(pipe: Any, summary: OptimizeSummary) -> None:
+    """Says why the pipeline's other models (text and image encoders) stay eager."""
+    components = getattr(pipe, "components", None)
+    if not isinstance(components, dict):
+        return
+    for name, component in components.items():
+        if name in ("unet", "vae") or not isinstance(component, torch.nn.Module):
+            continue
+        summary.left[name] = ("runs once per generation, outside the denoising loop; "
+                              "fmecompile targets the UNet and the VAE decoder")
+    if "vae.decode" in summary.modules and hasattr(pipe.vae, "encode"):
+        summary.left["vae.encode"] = "runs once per generation (SVD's conditioning image); left eager"
