@@ -18,7 +18,9 @@ setup(
     },
     package_data={"fmecompile": ["configs/*.json", "configs/README.md"]},
     install_requires=["torch>=2.11", "diffusers>=0.30", "triton", "nvidia-ml-py"],
-    extras_require={"test": ["pytest", "hypothesis"]},
+    # transformers: the pipelines' CLIP encoders (fmecompile.pipelines, fme bench --pipeline).
+    extras_require={"pipelines": ["transformers>=4.40"],
+                    "test": ["pytest", "hypothesis", "transformers>=4.40"]},
     entry_points={
         "console_scripts": ["fme = fmecompile.cli:main"],
         # torch.compile(model, backend="fme") finds the backend here, in any interpreter,

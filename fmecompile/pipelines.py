@@ -43,6 +43,11 @@ def build_pipeline(name: str, *, tiny: bool = False, dtype: torch.dtype = torch.
     drawn from `seed` (each component from its own seed derived from it)."""
     if name not in PIPELINES:
         raise ConfigError(f"unknown pipeline {name!r}; choose from {list(PIPELINES)}")
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        raise ConfigError("building the pipelines needs transformers (their CLIP encoders): "
+                          "pip install 'fmecompile[pipelines]'") from None
     builder = _build_svd if name == "svd" else _build_animatediff
     with zoo._quiet_diffusers(), _quiet_transformers():
         pipe = builder(tiny, dtype, device, seed)
