@@ -73,6 +73,10 @@ def group_pass(gm: fx.GraphModule, config: Config) -> PassResult:
         "nodes_after": len(graph.nodes),
         "predicted_peak_bytes": predicted_peak(gm),
     }
+    if not counts:
+        patterns = config.group_patterns if config.group_patterns is not None else tuple(PATTERNS)
+        report["reason"] = (f"no chain of the patterns {list(patterns)} in fp16, bf16 or fp32 whose "
+                            f"intermediates only the chain uses; the graph is left as captured")
     return PassResult(gm, bool(counts), report)
 
 

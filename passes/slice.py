@@ -91,6 +91,11 @@ def slice_pass(gm: fx.GraphModule, config: Config) -> PassResult:
     }
     if planning is not None:
         report["planning"] = planning
+    if not records:
+        report["reason"] = (
+            f"no region of ops independent along the batch, frame or pixel axis would lower the "
+            f"predicted activation peak by {MIN_SAVING:.0%} or more (regions grow from convolutions, "
+            f"attention and normalizations); the graph is left as captured")
     return PassResult(gm, bool(records), report)
 
 

@@ -140,6 +140,7 @@ def test_a_plain_mlp_compiles_unchanged_and_exact():
     # no chain to fuse: the graph is left as captured.
     assert report["slice"]["regions"] == 0 and report["slice"]["nodes_after"] == report["slice"]["nodes_before"]
     assert report["group"]["fused"] == 0
+    assert "left as captured" in report["slice"]["reason"] and "left as captured" in report["group"]["reason"]
 
 
 # --- clear errors --------------------------------------------------------------------------
