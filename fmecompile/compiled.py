@@ -140,8 +140,8 @@ class CompiledModule(torch.nn.Module):
     `report` maps each applied pass to what it did, and `graph_module` is the rewritten
     canonical graph, both of the most recently used input signature; `fme_config` is the
     compilation's Config. With the rehash pass, `steps` is the StepRunner that counts
-    denoising steps (see fmecompile/rehash.py) and `report["rehash"]` shows the schedule. Attributes the compiled module does not have (`config`, `dtype`,
-    `device`, ...) are read from the original, so code that inspects the module (diffusers
+    denoising steps (see fmecompile/rehash.py) and `report["rehash"]` shows the schedule.
+    Attributes the compiled module does not have (`config`, `dtype`, `device`, ...) are read from the original, so code that inspects the module (diffusers
     pipelines do) keeps working.
     """
 
