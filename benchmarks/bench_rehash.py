@@ -19,7 +19,7 @@ import time
 import torch
 
 import fmecompile as fme
-from fmecompile.bench import DTYPES, environment, output_error, write_json
+from fmecompile.bench import DTYPES, environment, markdown_table, output_error, write_json
 from fmecompile.pipelines import PIPELINES, build_pipeline, call_arguments
 
 
@@ -107,12 +107,11 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def format_table(result: dict) -> str:
-    lines = ["| variant | full steps | UNet stage s | vs stock | pipeline s | final latents rel L2 | max abs |",
-             "|---|---|---|---|---|---|---|"]
-    for row in result["rows"]:
-        lines.append(f"| {row['label']} | {sum(row['schedule'])}/{len(row['schedule'])} | {row['unet_s']:.3f} | "
-                     f"{row['unet_speedup']:.2f}x | {row['pipeline_s']:.3f} | {row['rel_l2']:.3e} | {row['max_abs']:.3e} |")
-    return "\n".join(lines)
+    header = ["variant", "full steps", "UNet stage s", "vs stock", "pipeline s", "final latents rel L2", "max abs"]
+    lines = [[row["label"], f"{sum(row['schedule'])}/{len(row['schedule'])}", f"{row['unet_s']:.3f}",
+              f"{row['unet_speedup']:.2f}x", f"{row['pipeline_s']:.3f}", f"{row['rel_l2']:.3e}",
+              f"{row['max_abs']:.3e}"] for row in result["rows"]]
+    return "\n".join(markdown_table(header, lines))
 
 
 def main() -> None:

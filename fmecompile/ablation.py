@@ -18,7 +18,7 @@ from typing import Any, Sequence
 import torch
 
 from . import zoo
-from .bench import Case, Variant, compare, format_bytes, write_json
+from .bench import ROW_HEADER, Case, Variant, compare, markdown_table, row_cells, write_json
 from .config import EXACT_PASSES, Config
 from .errors import ConfigError
 from .scatter_png import Color, Point, write_scatter
@@ -105,24 +105,9 @@ def run_ablation(case: Case, out_dir: str | Path, chunks: Sequence[int] = DEFAUL
 def format_ablation(result: dict[str, Any]) -> str:
     rows = result["rows"]
     stock = rows[0]
-    header = ["#", "configuration", "act. peak", "vs stock", "reserved", "NVML used", "latency ms",
-              "vs stock", "compile s", "rel L2", "max abs", "TFLOP/s"]
-    lines = [[
-        str(i + 1),
-        r["label"],
-        format_bytes(r["activation_peak"]),
-        f"{r['activation_peak'] / stock['activation_peak']:.3f}x" if stock["activation_peak"] else "-",
-        format_bytes(r["reserved_peak"]),
-        format_bytes(r["device_used"]),
-        f"{r['latency_ms']:.1f}",
-        f"{r['latency_ms'] / stock['latency_ms']:.3f}x",
-        "-" if r["compile_s"] is None else f"{r['compile_s']:.1f}",
-        f"{r['rel_l2']:.2e}",
-        f"{r['max_abs']:.2e}",
-        f"{r['tflops_per_s']:.3g}",
-    ] for i, r in enumerate(rows)]
-    widths = [max(len(x) for x in column) for column in zip(header, *lines)]
-    fmt = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"
+    header = ["#", "configuration", *ROW_HEADER, "TFLOP/s"]
+    lines = [[str(i + 1), r["label"], *row_cells(r, stock), f"{r['tflops_per_s']:.3g}"]
+             for i, r in enumerate(rows)]
     env = result["environment"]
     return "\n".join([
         f"# Ablation: {_title(result)}",
@@ -133,9 +118,7 @@ def format_ablation(result: dict[str, Any]) -> str:
             fme=env["fmecompile"], torch=env["torch"], diffusers=env["diffusers"],
             gpu=f", {env['gpu']}" if env.get("gpu") else ""),
         "",
-        fmt(header),
-        "|" + "|".join("-" * (w + 2) for w in widths) + "|",
-        *[fmt(line) for line in lines],
+        *markdown_table(header, lines),
     ])
 
 

@@ -22,6 +22,7 @@ import torch.utils._pytree as pytree
 from . import __version__, zoo
 from .compiled import CompiledModule, capture, split_method
 from .config import Config
+from .errors import ConfigError
 from .meters import MemoryReading, count_flops, measure_memory, time_call
 
 log = logging.getLogger("fmecompile")
@@ -168,8 +169,6 @@ def decode_in_chunks(decode: Callable[..., Any], inputs: dict[str, Any], frames_
     mixes frames, so the output differs from decoding all frames at once."""
     from diffusers.models.autoencoders.vae import DecoderOutput
 
-    from .errors import ConfigError
-
     if set(inputs) != {"z", "num_frames"}:
         raise ConfigError(f"decode-chunking applies to the temporal VAE's decode(z, num_frames) "
                           f"(--model svd-vae), not to a call with inputs {sorted(inputs)}")
@@ -256,29 +255,39 @@ def format_bytes(n: int | None) -> str:
 def format_table(result: dict[str, Any]) -> str:
     rows = result["rows"]
     stock = next((r for r in rows if r["passes"] is None), rows[0])
-    header = ["variant", "act. peak", "vs stock", "reserved", "NVML used", "latency ms", "vs stock",
-              "compile s", "rel L2", "max abs"]
-    lines = []
-    for r in rows:
-        lines.append([
-            r["label"],
-            format_bytes(r["activation_peak"]),
-            f"{r['activation_peak'] / stock['activation_peak']:.3f}x" if stock["activation_peak"] else "-",
-            format_bytes(r["reserved_peak"]),
-            format_bytes(r["device_used"]),
-            f"{r['latency_ms']:.1f}",
-            f"{r['latency_ms'] / stock['latency_ms']:.3f}x",
-            "-" if r["compile_s"] is None else f"{r['compile_s']:.1f}",
-            f"{r['rel_l2']:.2e}",
-            f"{r['max_abs']:.2e}",
-        ])
-    widths = [max(len(str(x)) for x in col) for col in zip(header, *lines)]
-    fmt = lambda cells: "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |"
+    lines = [[r["label"], *row_cells(r, stock)] for r in rows]
     case = result["case"]
     title = (f"{case['model']}: batch {case['batch']}, {case['frames']} frames, "
              f"{case['height']}x{case['width']}, {case['dtype']}, {case['device']}")
-    return "\n".join([title, fmt(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
-                     + [fmt(line) for line in lines])
+    return "\n".join([title, *markdown_table(["variant", *ROW_HEADER], lines)])
+
+
+ROW_HEADER = ("act. peak", "vs stock", "reserved", "NVML used", "latency ms", "vs stock", "compile s",
+              "rel L2", "max abs")
+
+
+def row_cells(row: dict[str, Any], stock: dict[str, Any]) -> list[str]:
+    """The ROW_HEADER cells of a `compare` result row, ratios against `stock`'s row."""
+    return [*memory_cells(row, stock),
+            f"{row['latency_ms']:.1f}",
+            f"{row['latency_ms'] / stock['latency_ms']:.3f}x",
+            "-" if row["compile_s"] is None else f"{row['compile_s']:.1f}",
+            f"{row['rel_l2']:.2e}",
+            f"{row['max_abs']:.2e}"]
+
+
+def markdown_table(header: Sequence[str], lines: Sequence[Sequence[Any]]) -> list[str]:
+    """The lines of a markdown table, its columns padded to their widest cell."""
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *lines)]
+    fmt = lambda cells: "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
+    return [fmt(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(fmt, lines)]
+
+
+def memory_cells(row: dict[str, Any], stock: dict[str, Any]) -> list[str]:
+    """Activation peak, its ratio to stock's, reserved and device memory of a result row."""
+    ratio = f"{row['activation_peak'] / stock['activation_peak']:.3f}x" if stock["activation_peak"] else "-"
+    return [format_bytes(row["activation_peak"]), ratio, format_bytes(row["reserved_peak"]),
+            format_bytes(row["device_used"])]
 
 
 def write_json(result: dict[str, Any], path: str | Path) -> Path:

@@ -136,7 +136,6 @@ def time_call(fn: Callable[[], Any], device: torch.device | str, repeats: int = 
     return times
 
 
-
 def count_flops(fn: Callable[[], Any]) -> int:
     """FLOPs of one call of `fn()`, from torch's FlopCounterMode (matrix products,
     convolutions and attention; elementwise ops count zero). On CPU, attention runs as

@@ -15,7 +15,7 @@ from typing import Any, Callable
 import torch
 
 from . import pipelines
-from .bench import DTYPES, environment, format_bytes, output_error
+from .bench import DTYPES, environment, markdown_table, memory_cells, output_error
 from .config import Config
 from .errors import InputError
 from .meters import measure_memory, time_call
@@ -126,20 +126,14 @@ def format_table(result: dict[str, Any]) -> str:
               "first call s", "rel L2", "max abs"]
     lines = [[
         r["label"],
-        format_bytes(r["activation_peak"]),
-        f"{r['activation_peak'] / stock['activation_peak']:.3f}x" if stock["activation_peak"] else "-",
-        format_bytes(r["reserved_peak"]),
-        format_bytes(r["device_used"]),
+        *memory_cells(r, stock),
         f"{r['seconds']:.2f}",
         f"{r['seconds'] / stock['seconds']:.3f}x",
         f"{r['first_call_s']:.1f}",
         f"{r['rel_l2']:.2e}",
         f"{r['max_abs']:.2e}",
     ] for r in rows]
-    widths = [max(len(str(x)) for x in col) for col in zip(header, *lines)]
-    fmt = lambda cells: "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |"
     case = result["case"]
     title = (f"{case['pipeline']}{' (tiny)' if case['tiny'] else ''} pipeline: {case['frames']} frames, "
              f"{case['height']}x{case['width']}, {case['steps']} steps, {case['dtype']}, {case['device']}")
-    return "\n".join([title, fmt(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
-                     + [fmt(line) for line in lines])
+    return "\n".join([title, *markdown_table(header, lines)])

@@ -13,7 +13,6 @@ encoder from seeded token ids. `tiny=True` narrows every component (the UNets as
 """
 from __future__ import annotations
 
-import contextlib
 from typing import Any
 
 import torch
@@ -167,18 +166,12 @@ def _clip_image_processor(cls):
                do_convert_rgb=True)
 
 
-@contextlib.contextmanager
 def _quiet_transformers():
     # Without torchvision, transformers warns that CLIP's image processor falls back to its
     # PIL implementation: the same preprocessing.
     from transformers.utils import logging as transformers_logging
 
-    level = transformers_logging.get_verbosity()
-    transformers_logging.set_verbosity_error()
-    try:
-        yield
-    finally:
-        transformers_logging.set_verbosity(level)
+    return zoo.errors_only(transformers_logging)
 
 
 def _ready(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:

@@ -65,7 +65,7 @@ class StepRunner:
         self._last_timestep: float | None = None
         self._last_sample: torch.Tensor | None = None
         self._caches: dict[tuple[int, int], torch.Tensor] = {}
-        self.last_generation = {"steps": 0, "full_calls": 0, "reused_calls": 0}
+        self._calls = {"full_calls": 0, "reused_calls": 0}
         self._warned_past_end = False
 
     def run(self, program: "Program", flat: list, named: dict[str, Any]) -> list:
@@ -75,25 +75,28 @@ class StepRunner:
         if feature is None or self._runs_full(step):
             *outputs, feature = program.graphs["full"](*flat)
             self._caches[key] = feature
-            self.last_generation["full_calls"] += 1
+            self._calls["full_calls"] += 1
             if self.recording is not None and call == 0:
                 self.recording.append(feature.detach().to("cpu", copy=True))
             return outputs
-        self.last_generation["reused_calls"] += 1
+        self._calls["reused_calls"] += 1
         return list(program.graphs["partial"](*flat, feature))
+
+    @property
+    def last_generation(self) -> dict[str, int]:
+        """Steps so far in the current (or last) generation, and its full and reused calls."""
+        return {"steps": self.step + 1, **self._calls}
 
     def _advance(self, timestep: float, sample: Any) -> tuple[int, int]:
         if self._last_timestep is None or timestep > self._last_timestep:
             self.reset()
             self.generations += 1
             self.step = 0
-            self.last_generation["steps"] = 1
         elif timestep == self._last_timestep and sample is not None and sample is self._last_sample:
             self._call += 1
         else:
             self.step += 1
             self._call = 0
-            self.last_generation["steps"] += 1
         self._last_timestep = timestep
         # Held, so its object cannot be recycled for another step's latents meanwhile.
         self._last_sample = sample if isinstance(sample, torch.Tensor) else None
@@ -124,7 +127,7 @@ class StepRunner:
             "full_steps": sum(schedule) if schedule is not None else None,
             "num_steps": len(schedule) if schedule is not None else None,
             "calibration": self.calibration,
-            "last_generation": dict(self.last_generation),
+            "last_generation": self.last_generation,
         }
 
 

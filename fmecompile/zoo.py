@@ -197,12 +197,18 @@ def _seeded(seed: int, device: str | torch.device):
 
 
 @contextlib.contextmanager
-def _quiet_diffusers():
-    from diffusers.utils import logging as diffusers_logging
-
-    level = diffusers_logging.get_verbosity()
-    diffusers_logging.set_verbosity_error()
+def errors_only(library_logging):
+    """Only errors from a Hugging Face library's logger (`diffusers.utils.logging`,
+    `transformers.utils.logging`) while inside."""
+    level = library_logging.get_verbosity()
+    library_logging.set_verbosity_error()
     try:
         yield
     finally:
-        diffusers_logging.set_verbosity(level)
+        library_logging.set_verbosity(level)
+
+
+def _quiet_diffusers():
+    from diffusers.utils import logging as diffusers_logging
+
+    return errors_only(diffusers_logging)
