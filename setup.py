@@ -1,7 +1,8 @@
 """fmecompile: a PyTorch FX compiler for fast, memory-efficient video diffusion inference.
 
 The repository keeps the rewrite passes and the Triton kernels at the top level
-(`passes/`, `kernels/`); they install as `fmecompile.passes` and `fmecompile.kernels`.
+(`passes/`, `kernels/`); they install as `fmecompile.passes` (with its subpackages) and
+`fmecompile.kernels`.
 """
 from setuptools import setup
 
@@ -10,7 +11,8 @@ setup(
     version="0.1.0",
     description="FX graph-rewriting compiler for memory-efficient video diffusion inference",
     python_requires=">=3.10",
-    packages=["fmecompile", "fmecompile.passes", "fmecompile.kernels"],
+    packages=["fmecompile", "fmecompile.tools", "fmecompile.kernels", "fmecompile.passes",
+              "fmecompile.passes.slice", "fmecompile.passes.group", "fmecompile.passes.rehash"],
     package_dir={
         "fmecompile": "fmecompile",
         "fmecompile.passes": "passes",

@@ -14,7 +14,7 @@ import torch
 from triton.testing import do_bench
 
 import fmecompile.kernels  # noqa: F401  (registers the fme ops)
-from fmecompile.bench import environment
+from fmecompile.tools.bench import environment
 
 fme = torch.ops.fme
 FRAMES = 2 * 14  # guidance batch x frames

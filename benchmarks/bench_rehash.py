@@ -19,8 +19,8 @@ import time
 import torch
 
 import fmecompile as fme
-from fmecompile.bench import DTYPES, environment, markdown_table, output_error, write_json
-from fmecompile.pipelines import PIPELINES, build_pipeline, call_arguments
+from fmecompile.tools.bench import DTYPES, environment, markdown_table, output_error, write_json
+from fmecompile.tools.pipelines import PIPELINES, build_pipeline, call_arguments
 
 
 class StageTimer:

@@ -18,8 +18,8 @@ import torch  # noqa: E402
 
 import fmecompile as fme  # noqa: E402
 import fmecompile.kernels.group_norm as group_norm_kernels  # noqa: E402
-from fmecompile.bench import environment, markdown_table, output_error, write_json  # noqa: E402
-from fmecompile.pipelines import build_pipeline, call_arguments  # noqa: E402
+from fmecompile.tools.bench import environment, markdown_table, output_error, write_json  # noqa: E402
+from fmecompile.tools.pipelines import build_pipeline, call_arguments  # noqa: E402
 
 
 def first_step_inputs(pipe, frames: int, size: int) -> dict:

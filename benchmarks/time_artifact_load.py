@@ -15,9 +15,9 @@ import time
 import torch
 
 import fmecompile as fme
-from fmecompile import zoo
-from fmecompile.bench import DTYPES, environment, output_error, write_json
-from fmecompile.meters import time_call
+from fmecompile.tools import zoo
+from fmecompile.tools.bench import DTYPES, environment, output_error, write_json
+from fmecompile.tools.meters import time_call
 
 
 def main() -> None:

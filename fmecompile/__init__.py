@@ -15,8 +15,8 @@ from .config import Config
 from .errors import ArtifactError, CaptureError, ConfigError, FmeError, InputError
 from .optimize import optimize, restore
 from .rehash import Calibration, calibrate
+from .version import __version__
 
-__version__ = "0.1.0"
 __all__ = ["CompiledModule", "compile", "Config", "FmeError", "ConfigError", "CaptureError",
            "InputError", "__version__", "save", "load", "ArtifactError", "optimize", "restore",
            "calibrate", "Calibration"]

@@ -26,7 +26,7 @@ import json
 import re
 import zipfile
 from pathlib import Path
-from typing import Any, Hashable
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -36,18 +36,21 @@ from torch.export.exported_program import ModuleCallEntry, ModuleCallSignature
 from torch.export.graph_signature import (ConstantArgument, ExportGraphSignature, InputKind, InputSpec,
                                           OutputKind, OutputSpec, TensorArgument)
 
-from .capture import GraphInput, describe_inputs, first_line, placeholders
-from .compiled import CompiledModule, Program
+from .capture import describe_inputs, first_line
+from .compiled import CompiledModule
 from .config import Config
 from .errors import ArtifactError, ConfigError, InputError
+from .ir import (BUFFER, CONSTANT, INPUT_ROLE, PARAMETER, USER, VALUE, GraphInput, copy_graph_module,
+                 placeholders)
+from .runtime import Program
+from .version import __version__
 
 FORMAT = "fmecompile-artifact"
 # Bumped whenever the layout of the archive or of the manifest changes.
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 
-_INPUT_KINDS = {"parameter": InputKind.PARAMETER, "buffer": InputKind.BUFFER,
-                "constant": InputKind.CONSTANT_TENSOR}
+_INPUT_KINDS = {PARAMETER: InputKind.PARAMETER, BUFFER: InputKind.BUFFER, CONSTANT: InputKind.CONSTANT_TENSOR}
 
 
 # --- saving ----------------------------------------------------------------------------
@@ -57,7 +60,7 @@ def save(compiled: CompiledModule, path: str | Path) -> Path:
     if not isinstance(compiled, CompiledModule):
         raise ArtifactError(f"fmecompile.save takes a CompiledModule (from fmecompile.compile or "
                             f"fmecompile.load), got {type(compiled).__name__}")
-    program = compiled._require_program()
+    program = compiled.current_program()
     module = compiled.module
     members = {f"graphs/{name}.pt2": _exported_bytes(gm, program, module) for name, gm in program.graphs.items()}
     manifest = {
@@ -71,13 +74,13 @@ def save(compiled: CompiledModule, path: str | Path) -> Path:
             "weights": _weights_of(module, program.inputs),
         },
         "config": compiled.fme_config.to_dict(),
-        "inputs": [_describe_leaf(ph.meta["val"], ph.meta["fme_input"].name)
-                   for ph in placeholders(program.graph_module) if ph.meta["fme_input"].kind == "user"],
+        "inputs": [_describe_leaf(ph.meta[VALUE], ph.meta[INPUT_ROLE].name)
+                   for ph in placeholders(program.graph_module) if ph.meta[INPUT_ROLE].kind == USER],
         "input_roles": [[role.kind, role.name] for role in program.inputs],
         "in_spec": pytree.treespec_dumps(program.in_spec),
         "out_spec": pytree.treespec_dumps(program.out_spec),
         "graphs": {name: {"file": f"graphs/{name}.pt2",
-                          "roles": [[r.kind, r.name] for r in (ph.meta["fme_input"] for ph in placeholders(gm))]}
+                          "roles": [[r.kind, r.name] for r in (ph.meta[INPUT_ROLE] for ph in placeholders(gm))]}
                    for name, gm in program.graphs.items()},
         "plan": program.report,
         "compile_seconds": program.compile_seconds,
@@ -97,16 +100,15 @@ def save(compiled: CompiledModule, path: str | Path) -> Path:
 def _exported_bytes(gm: fx.GraphModule, program: Program, module: torch.nn.Module) -> bytes:
     """One graph as a torch.export program: placeholders keep their roles (parameter,
     buffer, constant, user input), weights are meta tensors, lifted constants are kept."""
-    from fmecompile.passes.manager import copy_graph_module
     from torch._export.verifier import TrainingIRVerifier
 
     gm = copy_graph_module(gm)  # the program keeps its own graph untouched
     input_specs, state_dict, constants = [], {}, {}
     for node in placeholders(gm):
-        role: GraphInput = node.meta["fme_input"]
+        role: GraphInput = node.meta[INPUT_ROLE]
         val = node.meta.get("val")
         arg = TensorArgument(node.name) if isinstance(val, torch.Tensor) else ConstantArgument(node.name, val)
-        kind = _INPUT_KINDS.get(role.kind, InputKind.USER_INPUT)  # "user", and rehash's "cache"
+        kind = _INPUT_KINDS.get(role.kind, InputKind.USER_INPUT)  # USER, and rehash's CACHE
         target = role.name if kind is not InputKind.USER_INPUT else None
         persistent = None
         if kind is InputKind.PARAMETER:
@@ -150,7 +152,7 @@ def _weights_of(module: torch.nn.Module, roles: list[GraphInput]) -> dict[str, l
     """name -> [shape, dtype, device] of every parameter and buffer the program reads."""
     weights = {}
     for role in roles:
-        if role.kind in ("parameter", "buffer"):
+        if role.kind in (PARAMETER, BUFFER):
             tensor = _weight(module, role)
             weights[role.name] = [list(tensor.shape), _dtype_name(tensor.dtype), str(tensor.device)]
     return weights
@@ -178,8 +180,6 @@ def _describe_leaf(value: Any, name: str) -> dict[str, Any]:
 
 
 def _versions() -> dict[str, str | None]:
-    from . import __version__
-
     try:
         import diffusers
 
@@ -204,7 +204,17 @@ class LoadedModule(CompiledModule):
     compiled for; other inputs raise InputError rather than compiling (nothing is
     recompiled at load or later: compile and save again for other inputs)."""
 
-    artifact_path: str = ""
+    def __init__(self, module: torch.nn.Module, config: Config, method: str, artifact_path: str) -> None:
+        super().__init__(module, config, method)
+        self.artifact_path = artifact_path
+        self._compiled_inputs: dict[str, Any] = {}
+        self._compiled_weights: frozenset = frozenset()
+
+    def serve(self, program: Program, named: dict[str, Any]) -> None:
+        """Serves `program` (built with this module's `steps`) for the call `named`."""
+        self._compiled_inputs = named
+        self._compiled_weights = self._weight_kinds()
+        self.adopt_program(program, named)
 
     def _specialize(self, named: dict[str, Any]) -> Program:
         compiled_for = describe_inputs(self._compiled_inputs)
@@ -249,15 +259,10 @@ def load(path: str | Path, module: torch.nn.Module) -> CompiledModule:
         raise ArtifactError(f"{path}: the manifest's config or call structure cannot be read "
                             f"({first_line(err)}); compile and save the model again") from err
     inputs = [GraphInput(*role) for role in manifest["input_roles"]]
+    loaded = LoadedModule(module, config, method, str(path))
     program = Program(graphs, manifest["plan"], config, inputs, constants, in_spec, out_spec, module,
-                      manifest["compile_seconds"])
-    loaded = LoadedModule(module, config, method)
-    loaded.artifact_path = str(path)
-    named = _example_call(manifest["inputs"], in_spec)
-    loaded._compiled_inputs = named
-    loaded._compiled_weights = loaded._weight_kinds()
-    loaded._programs[loaded._key(named)] = program
-    loaded._current = program
+                      manifest["compile_seconds"], loaded.steps)
+    loaded.serve(program, _example_call(manifest["inputs"], in_spec))
     return loaded
 
 
@@ -292,8 +297,6 @@ def _read_archive(path: Path) -> tuple[dict[str, bytes], dict[str, Any]]:
 
 
 def _check_versions(manifest: dict[str, Any], path: Path) -> None:
-    from . import __version__
-
     saved = manifest.get("versions", {})
     problems = []
     if manifest.get("format_version") != FORMAT_VERSION:
@@ -382,7 +385,7 @@ def _load_graph(data: bytes, roles: list[GraphInput], path: Path,
         raise ArtifactError(f"{where} has {len(nodes)} inputs but its manifest lists {len(roles)}; "
                             f"write the artifact again with fmecompile.save")
     for node, role in zip(nodes, roles):
-        node.meta["fme_input"] = role
+        node.meta[INPUT_ROLE] = role
     constants = {spec.target: exported.constants[spec.target] for spec in exported.graph_signature.input_specs
                  if spec.kind is InputKind.CONSTANT_TENSOR}
     return gm, constants

@@ -18,11 +18,11 @@ from typing import Any, Callable, Hashable, Sequence
 import torch
 import torch.fx as fx
 
+from fmecompile.passes.manager import check_passes_available, run_passes
+
 from .capture import capture_dynamo, dynamo_input_roles
 from .config import Config
 from .errors import ConfigError
-from fmecompile.passes import run_passes
-from fmecompile.passes.manager import check_passes_available
 
 log = logging.getLogger("fmecompile")
 

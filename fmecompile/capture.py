@@ -1,67 +1,42 @@
 """Capture: a module (through torch.export) or a dynamo graph (through make_fx) becomes the
 canonical IR that every pass reads and writes.
 
-The canonical IR is an aten-level `torch.fx.GraphModule` (pre-dispatch aten: `aten.conv2d`,
-`aten.group_norm`, `aten.scaled_dot_product_attention`, views) in which
-  - every placeholder carries `meta["fme_input"]`, a `GraphInput` naming what it is
-    (a parameter or buffer by its dotted module path, a lifted constant, or a user input);
-  - every computing node carries a FakeTensor in `meta["val"]` with concrete shapes;
-  - every node carries `meta["nn_module_stack"]`, normalized to an ordered mapping
-    {dotted module path: (dotted module path, class qualname)} from outermost to innermost
-    (the root module left out), whichever entry point captured it.
-Asserts and eval-mode dropouts are removed: they compute nothing and would pin full shapes
-into chunked regions.
+The canonical IR is defined in `fmecompile.ir`; capture fills in its metadata (input
+roles, values, normalized module stacks). Asserts and eval-mode dropouts are removed: they
+compute nothing and would pin full shapes into chunked regions.
 """
 from __future__ import annotations
 
+import logging
 import re
+import time
 from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
 import torch.fx as fx
+import torch.utils._pytree as pytree
 from torch.export.graph_signature import InputKind, OutputKind
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from .errors import CaptureError
+from .ir import (BUFFER, CONSTANT, INPUT_ROLE, MODULE_STACK, PARAMETER, USER, VALUE, GraphInput,
+                 graph_inputs, has_effect, placeholders)
 
 aten = torch.ops.aten
+log = logging.getLogger("fmecompile")
 
-
-@dataclass(frozen=True)
-class GraphInput:
-    """What a placeholder of the canonical graph stands for.
-
-    kind: "parameter" or "buffer" (name: dotted path in the module), "constant" (a tensor
-    the model holds outside its state dict; name: export's constant name or dynamo's
-    source), or "user" (name: the argument, dotted into nested containers).
-    """
-
-    kind: str
-    name: str
-
-
-def placeholders(gm: fx.GraphModule) -> list[fx.Node]:
-    return [n for n in gm.graph.nodes if n.op == "placeholder"]
-
-
-def graph_inputs(gm: fx.GraphModule) -> list[GraphInput]:
-    return [n.meta["fme_input"] for n in placeholders(gm)]
-
-
-def module_path(node: fx.Node) -> str:
-    """Dotted path of the innermost module the node came from ('' for the root)."""
-    stack = node.meta.get("nn_module_stack") or {}
-    return next(reversed(stack), "") if stack else ""
+# The compiled entry point wraps the user's module under this attribute (see _Entry).
+ENTRY_PREFIX = "module."
 
 
 # --- torch.export ----------------------------------------------------------------------
 
 _EXPORT_KINDS = {
-    InputKind.PARAMETER: "parameter",
-    InputKind.BUFFER: "buffer",
-    InputKind.CONSTANT_TENSOR: "constant",
-    InputKind.USER_INPUT: "user",
+    InputKind.PARAMETER: PARAMETER,
+    InputKind.BUFFER: BUFFER,
+    InputKind.CONSTANT_TENSOR: CONSTANT,
+    InputKind.USER_INPUT: USER,
 }
 
 
@@ -78,7 +53,7 @@ def capture_export(module: torch.nn.Module, kwargs: dict[str, Any],
         raise CaptureError(
             f"torch.export could not capture {type(module).__name__} for inputs "
             f"{describe_inputs(kwargs)}: {first_line(err)}. Check that the inputs fit the "
-            "model (fmecompile.zoo.example_inputs shows the expected shapes) and that the "
+            "model (fmecompile.tools.zoo.example_inputs shows the expected shapes) and that the "
             "model runs eagerly with them."
         ) from err
     signature = program.graph_signature
@@ -93,15 +68,56 @@ def capture_export(module: torch.nn.Module, kwargs: dict[str, Any],
         kind = _EXPORT_KINDS.get(spec.kind)
         if kind is None:
             raise CaptureError(f"unsupported exported input kind {spec.kind} for {spec.arg}")
-        if kind == "user":
+        if kind == USER:
             name = spec.arg.name
-        elif kind == "constant":
+        elif kind == CONSTANT:
             name = spec.target  # the key of ExportedProgram.constants
         else:
             name = spec.target.removeprefix(strip_prefix)
         roles.append(GraphInput(kind, name))
     canonicalize(program.graph_module, roles, strip_prefix)
     return program
+
+
+class _Entry(torch.nn.Module):
+    """What torch.export sees: the compiled method called with keyword arguments only.
+    The user's module sits under the attribute `module`, as it does in CompiledModule, so
+    the exported parameter paths resolve against both."""
+
+    def __init__(self, module: torch.nn.Module, method: str) -> None:
+        super().__init__()
+        self.module = module
+        self.method = method
+
+    def forward(self, **kwargs: Any) -> Any:
+        return getattr(self.module, self.method)(**kwargs)
+
+
+@dataclass
+class Captured:
+    """One capture of the module for one input signature: the canonical graph and how to
+    feed it. Several configs can be compiled from one capture (benchmarks, ablations)."""
+
+    graph_module: fx.GraphModule
+    inputs: list[GraphInput]
+    constants: dict[str, torch.Tensor]
+    in_spec: pytree.TreeSpec
+    out_spec: pytree.TreeSpec
+    seconds: float
+
+
+def capture_module(module: torch.nn.Module, method: str, kwargs: dict[str, Any]) -> Captured:
+    """Captures `module.<method>(**kwargs)` with torch.export as a canonical graph."""
+    start = time.perf_counter()
+    log.info("capturing %s.%s with torch.export for %s", type(module).__name__, method,
+             describe_inputs(kwargs))
+    program = capture_export(_Entry(module, method), kwargs, strip_prefix=ENTRY_PREFIX)
+    gm = program.graph_module
+    inputs = graph_inputs(gm)
+    seconds = time.perf_counter() - start
+    log.info("captured %d nodes in %.1fs", len(gm.graph.nodes), seconds)
+    return Captured(gm, inputs, dict(program.constants), program.call_spec.in_spec,
+                    program.call_spec.out_spec, seconds)
 
 
 # --- dynamo ----------------------------------------------------------------------------
@@ -154,13 +170,13 @@ def _dynamo_input_role(node: fx.Node) -> GraphInput:
     source = grapharg.source.name if grapharg is not None and grapharg.source is not None else node.name
     tokens = _source_tokens(source)
     if "_parameters" in tokens:
-        return GraphInput("parameter", dotted_path(source))
+        return GraphInput(PARAMETER, dotted_path(source))
     if "_buffers" in tokens:
-        return GraphInput("buffer", dotted_path(source))
+        return GraphInput(BUFFER, dotted_path(source))
     if tokens[:2] == ["L", "self"] or tokens[:1] == ["G"]:
-        return GraphInput("constant", source)
+        return GraphInput(CONSTANT, source)
     # Inputs reached through a wrapper's **kwargs (hooks, decorators) read L['kwargs']['x'].
-    return GraphInput("user", dotted_path(source).removeprefix("kwargs."))
+    return GraphInput(USER, dotted_path(source).removeprefix("kwargs."))
 
 
 # --- canonical form ------------------------------------------------------------------
@@ -171,13 +187,13 @@ def canonicalize(gm: fx.GraphModule, roles: Sequence[GraphInput], strip_prefix: 
     if len(nodes) != len(roles):
         raise CaptureError(f"captured graph has {len(nodes)} inputs but {len(roles)} roles")
     for node, role in zip(nodes, roles):
-        node.meta["fme_input"] = role
+        node.meta[INPUT_ROLE] = role
     for node in gm.graph.nodes:
-        stack = node.meta.get("nn_module_stack")
-        node.meta["nn_module_stack"] = _normalize_module_stack(stack, strip_prefix)
+        stack = node.meta.get(MODULE_STACK)
+        node.meta[MODULE_STACK] = _normalize_module_stack(stack, strip_prefix)
     _remove_no_ops(gm.graph)
-    gm.graph.eliminate_dead_code(is_impure_node=_is_impure)
-    missing = [n.name for n in gm.graph.nodes if n.op == "call_function" and "val" not in n.meta]
+    gm.graph.eliminate_dead_code(is_impure_node=has_effect)
+    missing = [n.name for n in gm.graph.nodes if n.op == "call_function" and VALUE not in n.meta]
     if missing:
         raise CaptureError(f"captured nodes without shape metadata: {missing[:5]}")
     gm.graph.lint()
@@ -206,11 +222,6 @@ def _remove_no_ops(graph: fx.Graph) -> None:
         elif node.target is aten.dropout.default and (node.args[2] is False or node.args[1] == 0):
             node.replace_all_uses_with(node.args[0])
             graph.erase_node(node)
-
-
-def _is_impure(node: fx.Node) -> bool:
-    # Placeholders stay even when unused: the graph's signature is the module's.
-    return node.op in ("placeholder", "output") or node.is_impure()
 
 
 # --- messages --------------------------------------------------------------------------

@@ -10,12 +10,15 @@ from typing import Sequence
 
 import torch
 
-from . import zoo
-from .ablation import DEFAULT_CHUNKS, run_ablation
-from .bench import BASELINES, DTYPES, Case, Variant, compare, format_table, write_json
+from .artifacts import save
+from .compiled import compile as compile_module
 from .config import EXACT_PASSES, Config, parse_bytes
 from .errors import ConfigError, FmeError
-from fmecompile.passes import available_passes
+from .tools import zoo
+from .tools.ablation import DEFAULT_CHUNKS, run_ablation
+from .tools.bench import BASELINES, DTYPES, Case, Variant, compare, format_table, write_json
+from .tools.pipeline_bench import PipelineCase, compare_pipelines, default_settings
+from .tools.pipeline_bench import format_table as format_pipeline_table
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -125,15 +128,11 @@ def run_demo(args: argparse.Namespace) -> int:
     _, height, width = zoo.default_shape(name)
     # 3 frames: fewer chunks, so every combination compiles within the minute on 2 cores
     case = Case(name, batch=2, frames=3, height=height, width=width, dtype="fp32", device="cpu")
-    exact = [p for p in EXACT_PASSES if p in available_passes()]
-    combos = [c for k in range(len(exact) + 1) for c in itertools.combinations(exact, k)]
+    combos = [c for k in range(len(EXACT_PASSES) + 1) for c in itertools.combinations(EXACT_PASSES, k)]
     variants = [Variant("stock eager", None)]
     variants += [Variant(f"fme passes={','.join(c) or 'none'}", Config(passes=c)) for c in combos]
     result = compare(case, variants, repeats=3, warmup=1)
     print(format_table(result))
-    missing = [p for p in ("slice", "group", "rehash") if p not in available_passes()]
-    if missing:
-        print(f"(passes not in this version yet: {', '.join(missing)})")
     print(f"demo finished in {time.perf_counter() - start:.0f}s")
     if args.json:
         write_json(result, args.json)
@@ -163,9 +162,6 @@ def run_bench(args: argparse.Namespace) -> int:
 
 
 def run_pipeline_bench(args: argparse.Namespace) -> int:
-    from .pipeline_bench import PipelineCase, compare_pipelines, default_settings
-    from .pipeline_bench import format_table as format_pipeline_table
-
     if args.model:
         raise ConfigError("give --model or --pipeline, not both")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -183,9 +179,6 @@ def run_pipeline_bench(args: argparse.Namespace) -> int:
 
 
 def run_compile(args: argparse.Namespace) -> int:
-    from .artifacts import save
-    from .compiled import compile as compile_module
-
     case = _case_from_arguments(args)
     config = _config_from_arguments(args)
     model = zoo.build_model(case.model, dtype=case.torch_dtype, device=case.device, seed=case.seed)

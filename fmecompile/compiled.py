@@ -10,128 +10,20 @@ compiled for other inputs.
 from __future__ import annotations
 
 import inspect
-import itertools
-import logging
-import time
 import warnings
-from dataclasses import dataclass
-from typing import Any, Callable, Hashable, Iterator
+from typing import Any, Callable, Hashable
 
 import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
 
-from .capture import GraphInput, capture_export, describe_inputs
+from fmecompile.passes.manager import check_passes_available
+
+from .capture import Captured, capture_module, describe_inputs
 from .config import Config
 from .errors import ConfigError, FmeError, InputError
 from .rehash import TIMESTEP_ARGUMENT, StepRunner
-from fmecompile.passes import compile_graphs
-from fmecompile.passes.manager import check_passes_available
-
-log = logging.getLogger("fmecompile")
-
-ENTRY_PREFIX = "module."
-
-
-class _Entry(torch.nn.Module):
-    """What torch.export sees: the compiled method called with keyword arguments only.
-    The user's module sits under the attribute `module`, as it does in CompiledModule, so
-    the exported parameter paths resolve against both."""
-
-    def __init__(self, module: torch.nn.Module, method: str) -> None:
-        super().__init__()
-        self.module = module
-        self.method = method
-
-    def forward(self, **kwargs: Any) -> Any:
-        return getattr(self.module, self.method)(**kwargs)
-
-
-@dataclass
-class Captured:
-    """One capture of the module for one input signature: the canonical graph and how to
-    feed it. Several configs can be compiled from one capture (benchmarks, ablations)."""
-
-    graph_module: fx.GraphModule
-    inputs: list[GraphInput]
-    constants: dict[str, torch.Tensor]
-    in_spec: pytree.TreeSpec
-    out_spec: pytree.TreeSpec
-    seconds: float
-
-
-def capture(module: torch.nn.Module, method: str, kwargs: dict[str, Any]) -> Captured:
-    start = time.perf_counter()
-    log.info("capturing %s.%s with torch.export for %s", type(module).__name__, method,
-             describe_inputs(kwargs))
-    program = capture_export(_Entry(module, method), kwargs, strip_prefix=ENTRY_PREFIX)
-    gm = program.graph_module
-    inputs = [n.meta["fme_input"] for n in gm.graph.nodes if n.op == "placeholder"]
-    seconds = time.perf_counter() - start
-    log.info("captured %d nodes in %.1fs", len(gm.graph.nodes), seconds)
-    return Captured(gm, inputs, dict(program.constants), program.call_spec.in_spec,
-                    program.call_spec.out_spec, seconds)
-
-
-class Program:
-    """The compiled graphs for one input signature, and how to call them: parameters and
-    buffers are read from the module at every call (so `.to()` and weight updates are
-    seen), user inputs are the flattened call arguments.
-
-    graphs: {"main": gm} after the exact passes; with rehash {"full": gm, "partial": gm},
-    where the full graph also returns the cached feature (last) and the partial graph takes
-    it as its last placeholder (GraphInput kind "cache"). Built by `Program.compile` from a
-    capture, or directly from saved graphs (artifacts), which runs no pass."""
-
-    def __init__(self, graphs: dict[str, fx.GraphModule], report: dict[str, Any], config: Config,
-                 inputs: list[GraphInput], constants: dict[str, torch.Tensor], in_spec: pytree.TreeSpec,
-                 out_spec: pytree.TreeSpec, module: torch.nn.Module, compile_seconds: float) -> None:
-        self.graphs = graphs
-        self.report = report
-        self.config = config
-        self.inputs = inputs
-        self.constants = constants
-        self.in_spec = in_spec
-        self.out_spec = out_spec
-        self.compile_seconds = compile_seconds
-        user_index = itertools.count()
-        self._feeds = [_feed(role, module, constants, user_index) for role in inputs]
-
-    @classmethod
-    def compile(cls, captured: Captured, config: Config, module: torch.nn.Module) -> "Program":
-        start = time.perf_counter()
-        graphs, report = compile_graphs(captured.graph_module, config)
-        return cls(graphs, report, config, captured.inputs, captured.constants, captured.in_spec,
-                   captured.out_spec, module, captured.seconds + time.perf_counter() - start)
-
-    @property
-    def graph_module(self) -> fx.GraphModule:
-        """The main graph (the full one under rehash)."""
-        return self.graphs.get("main") or self.graphs["full"]
-
-    def __call__(self, kwargs: dict[str, Any], steps: StepRunner | None = None) -> Any:
-        user_leaves = pytree.tree_leaves(((), kwargs))
-        flat = [feed(user_leaves) for feed in self._feeds]
-        if "main" in self.graphs:
-            out = self.graphs["main"](*flat)
-        else:
-            out = steps.run(self, flat, kwargs)
-        return pytree.tree_unflatten(list(out), self.out_spec)
-
-
-def _feed(role: GraphInput, module: torch.nn.Module, constants: dict[str, torch.Tensor],
-          user_index: Iterator[int]) -> Callable[[list], Any]:
-    """A function from the call's flattened user arguments to one placeholder's value."""
-    if role.kind in ("parameter", "buffer"):
-        owner_path, _, attr = role.name.rpartition(".")
-        owner = module.get_submodule(owner_path)
-        store = owner._parameters if role.kind == "parameter" else owner._buffers
-        return lambda _: store[attr]
-    if role.kind == "constant":
-        value = constants[role.name]
-        return lambda _: value
-    index = next(user_index)  # user placeholders follow the flattened argument order
-    return lambda leaves: leaves[index]
+from .runtime import Program
 
 
 class CompiledModule(torch.nn.Module):
@@ -141,8 +33,9 @@ class CompiledModule(torch.nn.Module):
     canonical graph, both of the most recently used input signature; `fme_config` is the
     compilation's Config. With the rehash pass, `steps` is the StepRunner that counts
     denoising steps (see fmecompile/rehash.py) and `report["rehash"]` shows the schedule.
-    Attributes the compiled module does not have (`config`, `dtype`, `device`, ...) are read from the original, so code that inspects the module (diffusers
-    pipelines do) keeps working.
+    Attributes the compiled module does not have (`config`, `dtype`, `device`, ...) are
+    read from the original, so code that inspects the module (diffusers pipelines do) keeps
+    working.
     """
 
     def __init__(self, module: torch.nn.Module, config: Config | None = None, method: str = "forward") -> None:
@@ -174,7 +67,7 @@ class CompiledModule(torch.nn.Module):
         if program is None:
             program = self._specialize(bound)
         self._current = program
-        return program(bound, self.steps)
+        return program(bound)
 
     def bind(self, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
         """The call's arguments by name, defaults filled in, as the module would see them."""
@@ -213,11 +106,15 @@ class CompiledModule(torch.nn.Module):
         if self._programs:
             warnings.warn(f"fmecompile: new input signature {describe_inputs(named)}; compiling "
                           f"specialization {len(self._programs) + 1}", stacklevel=3)
-        return self.add_program(capture(self.module, self.method, named), named)
+        return self.add_program(capture_module(self.module, self.method, named), named)
 
     def add_program(self, captured: Captured, named: dict[str, Any]) -> Program:
         """Compiles `captured` with this module's config and keeps it for `named`'s signature."""
-        program = Program.compile(captured, self.fme_config, self.module)
+        return self.adopt_program(Program.compile(captured, self.fme_config, self.module, self.steps), named)
+
+    def adopt_program(self, program: Program, named: dict[str, Any]) -> Program:
+        """Keeps an already compiled program (one loaded from an artifact, built with this
+        module's `steps`) for `named`'s signature."""
         self._programs[self._key(named)] = program
         self._current = program
         return program
@@ -226,7 +123,7 @@ class CompiledModule(torch.nn.Module):
 
     @property
     def report(self) -> dict[str, Any]:
-        report = self._require_program().report
+        report = self.current_program().report
         if self.steps is not None:
             report = {**report, "rehash": {**report["rehash"], **self.steps.describe()}}
         return report
@@ -240,19 +137,18 @@ class CompiledModule(torch.nn.Module):
         full_steps = sum(schedule) if self.fme_config.full_steps is not None else None
         self.fme_config = self.fme_config.replace(schedule=schedule, num_steps=len(schedule),
                                                   full_steps=full_steps)
-        self.steps.schedule, self.steps.source = self.fme_config.schedule, source
-        self.steps.calibration = calibration
-        self.steps.reset()
+        self.steps.set_schedule(self.fme_config.schedule, source, calibration)
 
     @property
     def graph_module(self) -> fx.GraphModule:
-        return self._require_program().graph_module
+        return self.current_program().graph_module
 
     @property
     def compile_seconds(self) -> float:
-        return self._require_program().compile_seconds
+        return self.current_program().compile_seconds
 
-    def _require_program(self) -> Program:
+    def current_program(self) -> Program:
+        """The program of the most recent call (or compile)."""
         if self._current is None:
             raise FmeError("nothing compiled yet: call the module (or fmecompile.compile) first")
         return self._current
@@ -278,7 +174,7 @@ def compile(
     target, method = split_method(module)
     compiled = CompiledModule(target, config, method)
     named = compiled.bind(tuple(args), dict(kwargs or {}))
-    compiled.add_program(capture(target, method, named), named)
+    compiled.add_program(capture_module(target, method, named), named)
     return compiled
 
 

@@ -7,18 +7,13 @@ import re
 from dataclasses import dataclass, fields
 from typing import Any, Mapping
 
+from fmecompile.passes.group.patterns import GROUP_PATTERNS
+from fmecompile.passes.registry import EXACT_PASSES, PASS_ORDER, spec_of
+
 from .errors import ConfigError
 
-# The order passes run in, whatever order the user lists them: grouping fuses the ops of
-# the slicer's chunk loops. Rehash is listed last but acts first: it cuts the canonical
-# graph at its cache point, and slice and group then rewrite each part (a cut after
-# slicing could fall inside a chunk loop, where the cached tensor never exists whole).
-PASS_ORDER = ("slice", "group", "rehash")
-EXACT_PASSES = ("slice", "group")
-# The chains the group pass fuses (passes/group.py), longest first.
-GROUP_PATTERNS = ("group_norm_silu", "group_norm_add", "gn_apply_silu", "alpha_blend", "residual_add",
-                  "unit_scale", "geglu", "layer_norm")
-REHASH_FIELDS = ("schedule", "num_steps", "full_steps", "rehash_threshold", "cache_point")
+# Passes run in PASS_ORDER whatever order the user lists them (see passes/registry.py).
+REHASH_FIELDS = spec_of("rehash").options
 
 
 @dataclass(frozen=True)

@@ -11,27 +11,28 @@ apart by the `timestep` and `sample` arguments, so it works unchanged as `pipe.u
   - the timestep going up (or the first call ever) starts a new generation: the step count
     and the caches are reset, and step 0 runs in full.
 Full steps run the full graph and keep its cached feature; reused steps run the partial
-graph on the latest kept feature. Steps past the end of the schedule run in full.
+graph on the latest kept feature (`RehashExecutor`, one per compiled program, the runner
+shared by the programs of one module). Steps past the end of the schedule run in full.
 
 `calibrate` runs one whole generation with every step full, records the cached feature
-of each step, and sets the schedule by the paper's Algorithm 1 (passes/step_schedule.py).
+of each step, and sets the schedule by the paper's Algorithm 1 (passes/rehash/schedule.py).
 """
 from __future__ import annotations
 
 import logging
 import warnings
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 import torch
+import torch.fx as fx
+
+from fmecompile.passes.rehash.cut import FULL, PARTIAL
+from fmecompile.passes.rehash.schedule import (cosine_similarity_matrix, key_of, key_steps,
+                                               key_steps_for_count, uniform_schedule)
 
 from .config import Config
 from .errors import ConfigError, FmeError, InputError
-from fmecompile.passes.step_schedule import (cosine_similarity_matrix, key_of, key_steps,
-                                             key_steps_for_count, uniform_schedule)
-
-if TYPE_CHECKING:
-    from .compiled import CompiledModule, Program
 
 log = logging.getLogger("fmecompile")
 
@@ -68,19 +69,28 @@ class StepRunner:
         self._calls = {"full_calls": 0, "reused_calls": 0}
         self._warned_past_end = False
 
-    def run(self, program: "Program", flat: list, named: dict[str, Any]) -> list:
+    def set_schedule(self, schedule: tuple[bool, ...], source: str, calibration: dict[str, Any] | None) -> None:
+        """Runs `schedule` from the next generation on (the current one is forgotten)."""
+        self.schedule, self.source, self.calibration = schedule, source, calibration
+        self.reset()
+
+    def feature(self, program: object, named: dict[str, Any]) -> tuple[tuple[int, int], torch.Tensor | None]:
+        """Advances to this call's step. Returns the call's cache key and the feature a
+        reused step runs on, or None where the step runs in full."""
         step, call = self._advance(timestep_value(named), named.get(SAMPLE_ARGUMENT))
         key = (id(program), call)
         feature = self._caches.get(key)
         if feature is None or self._runs_full(step):
-            *outputs, feature = program.graphs["full"](*flat)
-            self._caches[key] = feature
-            self._calls["full_calls"] += 1
-            if self.recording is not None and call == 0:
-                self.recording.append(feature.detach().to("cpu", copy=True))
-            return outputs
+            return key, None
         self._calls["reused_calls"] += 1
-        return list(program.graphs["partial"](*flat, feature))
+        return key, feature
+
+    def keep(self, key: tuple[int, int], feature: torch.Tensor) -> None:
+        """Keeps the feature a full step computed, for the reused steps after it."""
+        self._caches[key] = feature
+        self._calls["full_calls"] += 1
+        if self.recording is not None and key[1] == 0:
+            self.recording.append(feature.detach().to("cpu", copy=True))
 
     @property
     def last_generation(self) -> dict[str, int]:
@@ -131,6 +141,22 @@ class StepRunner:
         }
 
 
+class RehashExecutor:
+    """Runs one program's full graph on full steps (it returns the cached feature last) and
+    its partial graph on reused steps (it takes the feature as its last input)."""
+
+    def __init__(self, graphs: dict[str, fx.GraphModule], steps: StepRunner) -> None:
+        self.main_graph, self.partial_graph, self.steps = graphs[FULL], graphs[PARTIAL], steps
+
+    def __call__(self, flat: list[Any], named: dict[str, Any]) -> list[Any]:
+        key, feature = self.steps.feature(self, named)
+        if feature is None:
+            *outputs, feature = self.main_graph(*flat)
+            self.steps.keep(key, feature)
+            return outputs
+        return list(self.partial_graph(*flat, feature))
+
+
 def timestep_value(named: dict[str, Any]) -> float:
     """The call's denoising timestep as a number (the first one of a batched tensor)."""
     if TIMESTEP_ARGUMENT not in named:
@@ -164,11 +190,11 @@ class Calibration:
                 "similarity": [[round(v, 6) for v in row] for row in self.similarity.tolist()]}
 
 
-def calibrate(compiled: "CompiledModule", generate: Callable[[], Any], *,
+def calibrate(compiled: torch.nn.Module, generate: Callable[[], Any], *,
               threshold: float | None = None, full_steps: int | None = None) -> Calibration:
     """Runs `generate()` (one whole generation that calls `compiled`, e.g.
     `lambda: pipe(image, num_inference_steps=25)`) with every step full, and sets the
-    compiled module's schedule by Algorithm 1: with `threshold` (default: the config's
+    schedule of `compiled` (a CompiledModule with the rehash pass) by Algorithm 1: with `threshold` (default: the config's
     rehash_threshold) a new key step starts where similarity to the last one drops below
     it; with `full_steps` (default: the config's) the threshold is chosen to give that many.
 

@@ -1,9 +1,12 @@
-"""The rewrite passes of fmecompile and the manager that runs them.
+"""The rewrite passes of fmecompile (installed as `fmecompile.passes`).
 
-Each pass is a function `(GraphModule, Config) -> PassResult` over the canonical IR
-(see `fmecompile.capture`). The manager copies the graph once, runs the selected passes in
-`PASS_ORDER`, and checks the graph after each one.
+    registry.py   the one list of passes: names, order, options, entry points
+    manager.py    runs the selected passes over a canonical graph, checking it after each
+    slice/        Feature Slicer: axis analysis, regions, cost, chunk plan, code generation
+    group/        Operator Grouping: fusion patterns and the pass that applies them
+    rehash/       Step Rehash, graph side: the cut at a cache point and the step schedules
+    liveness.py   predicted activation memory and storage aliasing, shared by the passes
+
+Passes read and write the canonical IR (`fmecompile.ir`) and import neither the runtime
+nor the tooling. This file imports nothing, so that `registry` loads without any pass.
 """
-from .manager import PassResult, available_passes, compile_graphs, run_passes
-
-__all__ = ["PassResult", "available_passes", "compile_graphs", "run_passes"]

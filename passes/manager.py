@@ -1,157 +1,70 @@
-"""Runs the selected passes over a copy of a canonical graph, checking it after each."""
+"""Runs the selected passes over a copy of a canonical graph, checking it after each.
+
+`compile_graphs` is the one way through: the split pass, if selected (rehash), divides the
+graph into the graphs of one program; every rewrite pass (slice, group) then runs over each
+of them, in the registry's order.
+"""
 from __future__ import annotations
 
-import copy
-import importlib
 import logging
 import time
-from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
-import torch
 import torch.fx as fx
 
 from fmecompile.config import Config
-from fmecompile.errors import ConfigError
+from fmecompile.ir import check_graph, copy_graph_module, output_signature
+
+from .registry import PASSES, PassSpec
 
 log = logging.getLogger("fmecompile")
 
-
-@dataclass
-class PassResult:
-    """What a pass returns: the new graph, whether it changed, and what it did (plain
-    numbers and names, for `CompiledModule.report`)."""
-
-    graph_module: fx.GraphModule
-    modified: bool
-    report: dict[str, Any] = field(default_factory=dict)
+MAIN = "main"  # the name of a program's only graph when no pass splits it
 
 
-Pass = Callable[[fx.GraphModule, Config], PassResult]
-
-# name -> "module:function", imported on first use so that a pass's dependencies (Triton
-# for grouping) load only when that pass runs.
-_PASS_ENTRY_POINTS: dict[str, str] = {
-    "slice": "fmecompile.passes.slice:slice_pass",
-    "group": "fmecompile.passes.group:group_pass",
-    # Not a graph-to-graph pass: compile_graphs cuts the graph in two, then runs the others.
-    "rehash": "fmecompile.passes.rehash:cut",
-}
-
-
-def available_passes() -> tuple[str, ...]:
-    return tuple(_PASS_ENTRY_POINTS)
-
-
-def _load_pass(name: str) -> Pass:
-    entry = _PASS_ENTRY_POINTS.get(name)
-    if entry is None:
-        raise ConfigError(
-            f"the {name!r} pass is not available in this version of fmecompile; "
-            f"available passes: {list(_PASS_ENTRY_POINTS)}"
-        )
-    module_name, function_name = entry.split(":")
-    return getattr(importlib.import_module(module_name), function_name)
+def selected(config: Config) -> list[PassSpec]:
+    return [spec for spec in PASSES if spec.name in config.passes]
 
 
 def check_passes_available(config: Config) -> None:
-    """Fails early, before any capture work, if a requested pass does not exist here."""
-    for name in config.passes:
-        _load_pass(name)
-
-
-def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
-    """A new GraphModule over a copy of `gm`'s graph (node metadata shallow-copied), so
-    passes may rewrite it without touching the captured original."""
-    return copy_with_map(gm)[0]
-
-
-def copy_with_map(gm: fx.GraphModule) -> tuple[fx.GraphModule, dict[fx.Node, fx.Node]]:
-    """copy_graph_module, and the map from each old node to its copy."""
-    val_map: dict[fx.Node, fx.Node] = {}
-    graph = fx.Graph(tracer_cls=gm.graph._tracer_cls)
-    graph._codegen = copy.deepcopy(gm.graph._codegen)
-    result, old_output = graph.graph_copy(gm.graph, val_map, return_output_node=True)
-    new_output = graph.output(result)
-    new_output.meta = copy.copy(old_output.meta)
-    val_map[old_output] = new_output
-    return fx.GraphModule(gm, graph), val_map
-
-
-def refresh_meta(gm: fx.GraphModule) -> None:
-    """Recomputes every node's meta['val'] by fake execution from the placeholders' values.
-    A rewrite that reroutes uses (a buffer in place of a value) leaves the values of
-    downstream views describing the old storage; liveness reads storage identity."""
-    from torch._guards import detect_fake_mode
-    from torch.fx.passes.fake_tensor_prop import FakeTensorProp
-
-    inputs = [n.meta.get("val") for n in gm.graph.nodes if n.op == "placeholder"]
-    mode = detect_fake_mode([v for v in inputs if isinstance(v, torch.Tensor)])
-    FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*inputs)
+    """Fails early, before any capture work, if a selected pass cannot be loaded here."""
+    for spec in selected(config):
+        spec.load()
 
 
 def compile_graphs(gm: fx.GraphModule, config: Config) -> tuple[dict[str, fx.GraphModule], dict[str, Any]]:
-    """The graphs one program runs, and the report: {"main": gm} after the exact passes;
-    with rehash, {"full": ..., "partial": ...}, the two sides of the cut (passes/rehash.py),
-    each rewritten by the exact passes. The report's slice and group entries describe the
-    main or full graph; report["rehash"]["partial"] has the partial graph's."""
-    if "rehash" not in config.passes:
-        main, report = run_passes(gm, config)
-        return {"main": main}, report
-    from .rehash import cut, default_cache_point
-
-    path = config.cache_point or default_cache_point(gm)
+    """The graphs of one program and the report. Without a split: {MAIN: gm rewritten}.
+    With one: the split's graphs (the first is the one a plain call runs), each rewritten;
+    the report's pass entries describe the first graph, and report[split name] holds the
+    split's own report with the other graphs' reports under their names."""
+    splits = [spec for spec in selected(config) if spec.splits]
+    if not splits:
+        rewritten, report = run_passes(gm, config)
+        return {MAIN: rewritten}, report
+    (split,) = splits
     start = time.perf_counter()
-    full, partial, cut_report = cut(gm, path)
-    log.info("rehash: cut at %s (%d of %d nodes run on reused steps) in %.2fs", path,
-             cut_report["nodes_partial"], cut_report["nodes_full"], time.perf_counter() - start)
-    exact = config.without_rehash()
-    full, report = run_passes(full, exact)
-    partial, partial_report = run_passes(partial, exact)
-    report["rehash"] = {**cut_report, "partial": partial_report}
-    return {"full": full, "partial": partial}, report
+    parts, split_report = split.load()(gm, config)
+    log.info("%s: split into %s in %.2fs", split.name, list(parts), time.perf_counter() - start)
+    graphs, reports = {}, {}
+    for name, part in parts.items():
+        graphs[name], reports[name] = run_passes(part, config)
+    first, *others = parts
+    return graphs, {**reports[first], split.name: {**split_report, **{n: reports[n] for n in others}}}
 
 
 def run_passes(gm: fx.GraphModule, config: Config) -> tuple[fx.GraphModule, dict[str, Any]]:
-    """Applies the graph-to-graph passes of `config` (all but rehash, see compile_graphs) to
-    a copy of `gm`; returns the new graph and the report."""
-    passes = [(name, _load_pass(name)) for name in config.passes if name != "rehash"]
-    expected_outputs = _output_signature(gm)
+    """Applies the selected rewrite passes to a copy of `gm`; the new graph and the report."""
+    expected_outputs = output_signature(gm)
     gm = copy_graph_module(gm)
     report: dict[str, Any] = {}
-    for name, run in passes:
+    for spec in selected(config):
+        if spec.splits:
+            continue
         start = time.perf_counter()
-        result = run(gm, config)
-        check_graph(result.graph_module, expected_outputs, after=name)
+        result = spec.load()(gm, config)
+        check_graph(result.graph_module, expected_outputs, after=f"pass {spec.name!r}")
         gm = result.graph_module
-        report[name] = result.report
-        log.info("pass %s: %s in %.2fs", name, "changed" if result.modified else "no change",
+        report[spec.name] = result.report
+        log.info("pass %s: %s in %.2fs", spec.name, "changed" if result.modified else "no change",
                  time.perf_counter() - start)
     return gm, report
-
-
-def _output_signature(gm: fx.GraphModule) -> list[tuple]:
-    outputs = gm.graph.output_node().args[0]
-    flat = outputs if isinstance(outputs, (tuple, list)) else [outputs]
-    return [_signature(v.meta.get("val") if isinstance(v, fx.Node) else v) for v in flat]
-
-
-def _signature(val: Any) -> tuple:
-    if isinstance(val, torch.Tensor):
-        return ("tensor", tuple(val.shape), val.dtype)
-    return ("value", type(val).__name__)
-
-
-def check_graph(gm: fx.GraphModule, expected_outputs: list[tuple], after: str) -> None:
-    """The invariants every pass keeps: a well-formed graph, shape metadata on every
-    computing node, and outputs of unchanged shapes and dtypes."""
-    try:
-        gm.graph.lint()
-    except Exception as err:
-        raise AssertionError(f"pass {after!r} produced a malformed graph: {err}") from err
-    missing = [n.name for n in gm.graph.nodes if n.op == "call_function" and "val" not in n.meta]
-    if missing:
-        raise AssertionError(f"pass {after!r} left nodes without meta['val']: {missing[:5]}")
-    outputs = _output_signature(gm)
-    if outputs != expected_outputs:
-        raise AssertionError(f"pass {after!r} changed the graph's outputs: {outputs} != {expected_outputs}")

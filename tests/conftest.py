@@ -11,7 +11,7 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-from fmecompile import zoo  # noqa: E402
+from fmecompile.tools import zoo  # noqa: E402
 
 TINY_MODELS = ["svd-tiny", "svd-xt-tiny", "animatediff-tiny", "svd-vae-tiny"]
 

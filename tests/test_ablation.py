@@ -8,10 +8,10 @@ import zlib
 
 import pytest
 
-from fmecompile.ablation import KINDS, ablation_variants, decode_chunk_sizes
+from fmecompile.tools.ablation import KINDS, ablation_variants, decode_chunk_sizes
 from fmecompile.cli import main
 from fmecompile.errors import ConfigError
-from fmecompile.scatter_png import Point, scatter
+from fmecompile.tools.plots import Point, scatter
 
 
 def labels(model, frames, **kwargs):

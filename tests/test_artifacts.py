@@ -15,8 +15,8 @@ import pytest
 import torch
 
 import fmecompile as fme
-from fmecompile import zoo
-from fmecompile.bench import output_error
+from fmecompile.tools import zoo
+from fmecompile.tools.bench import output_error
 from fmecompile.cli import main
 
 pytestmark = pytest.mark.usefixtures("reference_kernels")
@@ -43,12 +43,12 @@ def saved(tmp_path_factory):
 
 FRESH_PROCESS_LOAD = """
 import sys, time, torch
-import fmecompile, fmecompile.compiled as compiled_module
-from fmecompile import zoo
+import fmecompile, fmecompile.compiled as compiled_module, fmecompile.runtime as runtime_module
+from fmecompile.tools import zoo
 
 def refuse(*args, **kwargs):
     raise AssertionError("load captured or compiled again")
-compiled_module.capture = compiled_module.compile_graphs = refuse
+compiled_module.capture_module = runtime_module.compile_graphs = refuse
 model = zoo.build_model("svd-tiny", seed=0)
 inputs = zoo.example_inputs("svd-tiny", seed=1, batch=1, frames=2, height=64, width=64)
 start = time.perf_counter()
@@ -192,7 +192,7 @@ def test_rehash_artifact_saves_both_graphs_and_keeps_the_schedule(tmp_path):
     config = fme.Config(passes=("rehash",), num_steps=3, full_steps=1)
     compiled = fme.compile(model, kwargs=inputs, config=config)
     loaded = fme.load(fme.save(compiled, tmp_path / "rehash.fme"), model)
-    assert set(loaded._current.graphs) == {"full", "partial"}
+    assert set(loaded.current_program().graphs) == {"full", "partial"}
     assert loaded.report["rehash"]["schedule"] == [True, False, False]
     with torch.no_grad():
         for timestep in (0.9, 0.5, 0.1):  # one full step, then two reusing its cache

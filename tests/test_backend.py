@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import fmecompile as fme
-from fmecompile import zoo
+from fmecompile.tools import zoo
 
 
 def test_backend_is_found_in_a_fresh_interpreter_without_importing_fmecompile():

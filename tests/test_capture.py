@@ -7,7 +7,8 @@ from torch._subclasses.fake_tensor import FakeTensor
 
 import fmecompile as fme
 from conftest import tiny_model
-from fmecompile.capture import dotted_path, graph_inputs, module_path
+from fmecompile.capture import dotted_path
+from fmecompile.ir import graph_inputs, module_path
 
 aten = torch.ops.aten
 COMPUTE_OPS = {aten.conv2d.default, aten.conv3d.default, aten.linear.default, aten.group_norm.default,

@@ -8,12 +8,12 @@ import torch.nn.functional as F
 
 import fmecompile as fme
 from conftest import TINY_MODELS, tiny_model
-from fmecompile import zoo
-from fmecompile.bench import output_error
-from fmecompile.config import GROUP_PATTERNS
+from fmecompile.tools import zoo
+from fmecompile.tools.bench import output_error
+from fmecompile.passes.group.patterns import GROUP_PATTERNS
 from fmecompile.errors import ConfigError
 from fmecompile.kernels import _common
-from fmecompile.meters import measure_memory
+from fmecompile.tools.meters import measure_memory
 
 GROUP = fme.Config(passes=("group",))
 SLICE_GROUP = fme.Config(passes=("slice", "group"))

@@ -8,7 +8,7 @@ import torch
 
 import fmecompile as fme
 from conftest import tiny_model
-from fmecompile import zoo
+from fmecompile.tools import zoo
 
 IDENTITY = fme.Config(passes=())
 
@@ -96,7 +96,7 @@ def test_moving_the_module_to_another_dtype_recompiles(vae_tiny):
 
 
 def test_identity_memory_is_no_worse_than_eager(svd_tiny):
-    from fmecompile.meters import measure_memory
+    from fmecompile.tools.meters import measure_memory
 
     compiled = fme.compile(svd_tiny.model, kwargs=svd_tiny.inputs, config=IDENTITY)
     with torch.no_grad():

@@ -27,7 +27,7 @@ def test_console_script_and_backend_entry_points():
 
 
 def test_configs_ship_as_package_data():
-    from fmecompile.zoo import load_config
+    from fmecompile.tools.zoo import load_config
 
     assert load_config("svd_unet_config.json")["num_frames"] == 14
     assert "_class_name" not in load_config("svd_vae_config.json")

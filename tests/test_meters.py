@@ -1,6 +1,6 @@
 import torch
 
-from fmecompile.meters import LiveTensorBytes, measure_memory, time_call
+from fmecompile.tools.meters import LiveTensorBytes, measure_memory, time_call
 
 
 def test_counts_allocations_and_frees_exactly():

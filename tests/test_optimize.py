@@ -13,8 +13,8 @@ import pytest
 import torch
 
 import fmecompile as fme
-from fmecompile import pipelines
-from fmecompile.bench import output_error
+from fmecompile.tools import pipelines
+from fmecompile.tools.bench import output_error
 from fmecompile.cli import main as fme_main
 from fmecompile.optimize import OptimizeSummary
 

@@ -8,12 +8,13 @@ import torch
 
 import fmecompile as fme
 from conftest import tiny_model
-from fmecompile import zoo
-from fmecompile.bench import output_error
+from fmecompile.tools import zoo
+from fmecompile.tools.bench import output_error
 from fmecompile.passes.liveness import predicted_peak
-from fmecompile.pipelines import build_pipeline, call_arguments
-from fmecompile.passes.step_schedule import key_steps, key_steps_for_count, uniform_schedule
+from fmecompile.tools.pipelines import build_pipeline, call_arguments
+from fmecompile.passes.rehash.schedule import key_steps, key_steps_for_count, uniform_schedule
 from fmecompile.rehash import calibrate
+from fmecompile.runtime import executor_for
 
 pytestmark = pytest.mark.usefixtures("reference_kernels")
 TIMESTEPS = (0.9, 0.7, 0.5, 0.3, 0.1)
@@ -32,8 +33,9 @@ class CountingGraph(torch.nn.Module):
 
 
 def count_runs(compiled) -> dict[str, CountingGraph]:
-    program = compiled._current
+    program = compiled.current_program()
     program.graphs = {name: CountingGraph(gm) for name, gm in program.graphs.items()}
+    program.executor = executor_for(program.graphs, compiled.steps)
     return program.graphs
 
 
@@ -129,7 +131,7 @@ def test_default_cut_caches_the_last_up_block_and_costs_at_most_the_feature(svd,
     # What follows the last up block: conv_norm_out, its activation, conv_out, a reshape.
     assert report["nodes_partial"] <= 6 < report["nodes_full"]
     stock = fme.compile(svd.model, kwargs=svd.inputs, config=fme.Config(passes=()))
-    full, partial = uniform._current.graphs["full"], uniform._current.graphs["partial"]
+    full, partial = uniform.current_program().graphs["full"], uniform.current_program().graphs["partial"]
     assert predicted_peak(full) <= predicted_peak(stock.graph_module) + report["cached_bytes"]
     assert predicted_peak(partial) <= predicted_peak(stock.graph_module)
 

@@ -18,7 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import fmecompile as fme
-from fmecompile.bench import output_error
+from fmecompile.tools.bench import output_error
 
 CHANNELS = 32
 EXACT = fme.Config(passes=("slice", "group"))

@@ -9,12 +9,12 @@ from hypothesis import strategies as st
 
 import fmecompile as fme
 from conftest import tiny_model
-from fmecompile import zoo
-from fmecompile.bench import output_error
+from fmecompile.tools import zoo
+from fmecompile.tools.bench import output_error
 from fmecompile.errors import ConfigError
-from fmecompile.meters import measure_memory
-from fmecompile.passes.axes import AtomTable
-from fmecompile.passes.chunk_loops import chunk_ranges
+from fmecompile.tools.meters import measure_memory
+from fmecompile.passes.slice.axes import AtomTable
+from fmecompile.passes.slice.codegen import chunk_ranges
 
 SLICE = fme.Config(passes=("slice",))
 pytestmark = pytest.mark.usefixtures("reference_kernels")

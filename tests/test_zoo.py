@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from fmecompile import zoo
+from fmecompile.tools import zoo
 
 # Parameter counts of the real models (configs/README.md).
 REAL_PARAMETERS = {"svd": 1_524_623_082, "svd-xt": 1_524_623_082, "animatediff": 1_312_730_244,

@@ -28,9 +28,12 @@ from torch._guards import detect_fake_mode
 
 import fmecompile.kernels  # noqa: F401  (registers fme:: ops)
 
+from fmecompile.ir import REGION, shape as _shape
+
+from ..liveness import may_alias_classes
 from .axes import Location
-from .liveness import may_alias_classes
-from .regions import Region, reusable_inputs
+from .cost import reusable_inputs
+from .regions import Region
 from .rules import rule_for
 
 aten = torch.ops.aten
@@ -77,10 +80,6 @@ class Emitter:
         return node
 
 
-def _shape(node: fx.Node) -> tuple[int, ...]:
-    return tuple(int(s) for s in node.meta["val"].shape)
-
-
 def _split_shape(shape: tuple[int, ...], loc: Location, length: int) -> tuple[int, ...]:
     """The shape with the located dim split into (outer, length * inner)."""
     return shape[:loc.dim] + (loc.outer, length * loc.inner) + shape[loc.dim + 1:]
@@ -119,7 +118,7 @@ def emit_region(gm: fx.GraphModule, region: Region, chunks: int, tag: Any = None
                 first_chunk_only: bool = False) -> dict[fx.Node, list[fx.Node]]:
     """Replaces the region's nodes by an unrolled loop over chunks of its axis; returns,
     for each node of the region, its copies, one per chunk. Emitted nodes carry `tag` in
-    meta['fme_region']. `first_chunk_only` emits just the first (largest) chunk: the
+    meta[REGION]. `first_chunk_only` emits just the first (largest) chunk: the
     memory planner's stand-in for the loop, with the same peak and a fraction of the nodes."""
     graph = gm.graph
     members = set(region.nodes)
@@ -131,7 +130,8 @@ def emit_region(gm: fx.GraphModule, region: Region, chunks: int, tag: Any = None
     fake_mode = detect_fake_mode([n.meta["val"] for n in nodes if isinstance(n.meta.get("val"), torch.Tensor)])
     emit = Emitter(graph, anchor, fake_mode)
     ranges = chunk_ranges(region.extent, chunks)
-    reused = reusable_inputs(region, position, may_alias_classes(graph))  # before any node is emitted
+    # before any node is emitted
+    reused = reusable_inputs(region.nodes, region.slicings, region.outputs, position, may_alias_classes(graph))
     moments = {node: _moments(emit, node, region.slicings[node].inputs[0], ranges)
                for node in region.nodes if region.slicings[node].two_phase}
     buffers = {out: reused.get(out) or emit(aten.empty.memory_format, (list(_shape(out)),),
@@ -153,7 +153,7 @@ def emit_region(gm: fx.GraphModule, region: Region, chunks: int, tag: Any = None
     for node in reversed(nodes):
         graph.erase_node(node)
     for node in emit.created:
-        node.meta["fme_region"] = tag
+        node.meta[REGION] = tag
     _move_after_block(before, emit.created, set(buffers.values()), anchor)
     return copies
 
@@ -185,7 +185,8 @@ def _emit_chunk_node(emit: Emitter, node: fx.Node, region: Region, env: dict, sl
     if s.two_phase:
         x, _, weight, bias, eps = (list(args) + [None] * 5)[:5]
         eps = 1e-5 if eps is None else eps
-        return emit(fme.gn_apply.default, (x, moments[node], weight, bias, node.args[1], eps, False, None),
+        return emit(fme.gn_apply.default, (), dict(x=x, moments=moments[node], weight=weight, bias=bias,
+                                                    num_groups=node.args[1], eps=eps, silu=False, pre_add=None),
                     like=node)
     out_loc = s.outputs[0]
     val = node.meta["val"]
@@ -198,9 +199,10 @@ def _emit_chunk_node(emit: Emitter, node: fx.Node, region: Region, env: dict, sl
 def _moments(emit: Emitter, norm: fx.Node, loc: Location, ranges: list[tuple[int, int]]) -> fx.Node:
     """Statistics of a GroupNorm's whole input, accumulated chunk by chunk."""
     x, groups = norm.args[0], norm.args[1]
-    parts = [emit(fme.gn_moments.default, (take(emit, x, loc, start, length), groups), like=norm)
+    parts = [emit(fme.gn_moments.default, (), {"x": take(emit, x, loc, start, length), "num_groups": groups},
+                  like=norm)
              for start, length in ranges]
-    return emit(fme.merge_moments.default, (parts,), like=norm)
+    return emit(fme.merge_moments.default, (), {"parts": parts}, like=norm)
 
 
 def _move_after_block(before: fx.Node, created: list[fx.Node], buffers: set[fx.Node],

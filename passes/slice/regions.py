@@ -25,9 +25,10 @@ import torch
 import torch.fx as fx
 from torch.multiprocessing.reductions import StorageWeakRef
 
-from .axes import Atom, AxisAnalysis, Location
-from .liveness import may_alias_classes
-from .rules import Slicing, View, Permute, Expand, rule_for, slicing, tensor_inputs
+from ..liveness import may_alias_classes
+from .axes import Atom, AxisAnalysis
+from .cost import nbytes, region_cost, reusable_inputs
+from .rules import Expand, Permute, Slicing, View, rule_for, slicing, tensor_inputs
 
 aten = torch.ops.aten
 
@@ -64,10 +65,13 @@ class Region:
     slicings: dict[fx.Node, Slicing]
     inputs: list[fx.Node] = field(default_factory=list)  # values from outside, in first-use order
     outputs: list[fx.Node] = field(default_factory=list)  # values used outside
-    output_bytes: int = 0  # the buffers the loop writes
-    input_bytes: int = 0  # inputs that die inside the region (chunked: at its end)
-    peak_bytes: int = 0  # most bytes the region's own values hold at once, run unchunked
-    internal_peak_bytes: int = 0  # the same, counting only values that die inside
+    # What it costs (cost.py): the buffers the loop writes; the inputs that die inside it
+    # (chunked: at its end); the most bytes its own values hold at once, run unchunked;
+    # the same, counting only values that die inside.
+    output_bytes: int = 0
+    input_bytes: int = 0
+    peak_bytes: int = 0
+    internal_peak_bytes: int = 0
 
     def remap(self, val_map: dict[fx.Node, fx.Node]) -> "Region":
         """The same region over a copy of its graph."""
@@ -368,19 +372,6 @@ def _edges_sliced(node: fx.Node, s: Slicing, slicings: dict[fx.Node, Slicing]) -
     return True
 
 
-def _connected(seed: fx.Node, members: set[fx.Node]) -> set[fx.Node]:
-    if seed not in members:
-        return set()
-    seen, stack = {seed}, [seed]
-    while stack:
-        node = stack.pop()
-        for other in list(node.all_input_nodes) + list(node.users):
-            if other in members and other not in seen:
-                seen.add(other)
-                stack.append(other)
-    return seen
-
-
 _VIEW_RULES = (View, Permute, Expand)
 
 
@@ -434,108 +425,13 @@ def _classify_values(region: Region, members: set[fx.Node], order: dict[fx.Node,
     for node in region.nodes:
         if isinstance(node.meta.get("val"), torch.Tensor) and any(u not in members for u in node.users):
             region.outputs.append(node)
-    _simulate(region, members)
+    cost = region_cost(region.nodes, region.inputs, region.outputs, members)
+    reused = reusable_inputs(region.nodes, region.slicings, region.outputs, order, alias)
     # outputs the loop writes into a dying input's storage cost no new buffer
-    region.output_bytes -= sum(_nbytes(out) for out in reusable_inputs(region, order, alias))
-
-
-def _simulate(region: Region, members: set[fx.Node]) -> None:
-    """Liveness of the storages the region touches when it runs unchunked, in order:
-    inputs no one needs after the region die at their last use inside it, outputs stay.
-    Chunked, those inputs live until the loop ends and all outputs from its start."""
-    last = region.nodes[-1]
-    storages: dict[StorageWeakRef, int] = {}
-    users: dict[StorageWeakRef, set[fx.Node]] = {}
-    made: dict[fx.Node, StorageWeakRef] = {}
-    for node in [*region.inputs, *region.nodes]:
-        for ref, size in _storages(node):
-            storages[ref] = size
-            made.setdefault(node, ref)
-            users.setdefault(ref, set()).update(node.users)
-    outside_users = lambda ref: any(u not in members for u in users[ref])
-    dying_inputs = {ref for node in region.inputs for ref, _ in _storages(node) if not outside_users(ref)}
-    kept = {ref for node in region.outputs for ref, _ in _storages(node)}
-    pending = {ref: len([u for u in users[ref] if u in members]) for ref in storages}
-    live = sum(storages[r] for r in dying_inputs)
-    internal = 0
-    counted: set[StorageWeakRef] = set(dying_inputs)
-    region.output_bytes = sum(storages[r] for r in kept)
-    region.input_bytes = live
-    input_refs = {ref for node in region.inputs for ref, _ in _storages(node)}
-    for node in region.nodes:
-        for ref, size in _storages(node):
-            if ref not in counted and ref not in input_refs:  # views of inputs add nothing
-                counted.add(ref)
-                live += size
-                if ref not in kept:
-                    internal += size
-        region.peak_bytes = max(region.peak_bytes, live)
-        region.internal_peak_bytes = max(region.internal_peak_bytes, internal)
-        for source in node.all_input_nodes:
-            for ref, size in _storages(source):
-                if ref not in pending:
-                    continue
-                pending[ref] -= 1
-                if pending[ref] == 0 and ref in counted and ref not in kept and not outside_users(ref):
-                    live -= size
-                    if ref not in dying_inputs:
-                        internal -= size
-                    counted.discard(ref)
-
-
-def reusable_inputs(region: Region, position: dict[fx.Node, int],
-                    alias: dict[fx.Node, fx.Node]) -> dict[fx.Node, fx.Node]:
-    """For outputs of the region that can be written into one of its inputs, that input.
-
-    Legal when the input's storage is an intermediate (no graph input, weight or constant)
-    that nothing outside the region reads from the region's first op on, the region reads
-    it through that one node only, always at the chunk it is computing, with the output's
-    shape, dtype and chunk location, and the output does not itself alias it. Then chunk i
-    of the output overwrites exactly chunk i of the input, which no later chunk reads.
-    Storage sharing is judged conservatively: `alias` is liveness.may_alias_classes of
-    the graph as it is now (one walk of the graph, shared by all regions found on it)."""
-    members = set(region.nodes)
-    graph = region.nodes[0].graph
-    start = min(position[n] for n in region.nodes)
-    reads: dict[fx.Node, set[Location | None]] = {}
-    for node in region.nodes:
-        for arg, loc in zip(tensor_inputs(node), region.slicings[node].inputs):
-            if arg not in members:
-                reads.setdefault(arg, set()).add(loc)
-    sharing: dict[fx.Node, list[fx.Node]] = {}
-    for node in graph.nodes:
-        sharing.setdefault(alias[node], []).append(node)
-    read_classes: dict[fx.Node, int] = {}
-    for node in reads:
-        read_classes[alias[node]] = read_classes.get(alias[node], 0) + 1
-    reused: dict[fx.Node, fx.Node] = {}
-    for out in region.outputs:
-        val, loc = out.meta["val"], region.slicings[out].outputs[0]
-        for inp, locs in reads.items():
-            cls = alias[inp]
-            if (read_classes[cls] > 1 or inp in reused.values() or locs != {loc} or alias[out] == cls
-                    or inp.meta["val"].shape != val.shape or inp.meta["val"].dtype != val.dtype):
-                continue
-            aliases = sharing[cls]
-            if any(a.op in ("placeholder", "get_attr", "output") for a in aliases):
-                continue
-            if any(position[user] >= start and user not in members for a in aliases for user in a.users):
-                continue
-            reused[out] = inp
-            break
-    return reused
-
-
-def _storages(node: fx.Node) -> list[tuple[StorageWeakRef, int]]:
-    val = node.meta.get("val")
-    values = [val] if isinstance(val, torch.Tensor) else [v for v in val if isinstance(v, torch.Tensor)] \
-        if isinstance(val, (list, tuple)) else []
-    return [(StorageWeakRef(v.untyped_storage()), v.untyped_storage().nbytes()) for v in values]
-
-
-def _nbytes(node: fx.Node) -> int:
-    val = node.meta.get("val")
-    return val.numel() * val.element_size() if isinstance(val, torch.Tensor) else 0
+    region.output_bytes = cost.output_bytes - sum(nbytes(out) for out in reused)
+    region.input_bytes = cost.input_bytes
+    region.peak_bytes = cost.peak_bytes
+    region.internal_peak_bytes = cost.internal_peak_bytes
 
 
 def _extent(analysis: AxisAnalysis, run: tuple[Atom, ...]) -> int:

@@ -17,8 +17,8 @@ from typing import Any
 
 import torch
 
+from ..errors import ConfigError, InputError
 from . import zoo
-from .errors import ConfigError, InputError
 
 PIPELINES = ("svd", "animatediff")
 

@@ -17,11 +17,11 @@ from typing import Any, Sequence
 
 import torch
 
+from ..config import EXACT_PASSES, Config
+from ..errors import ConfigError
 from . import zoo
 from .bench import ROW_HEADER, Case, Variant, compare, markdown_table, row_cells, write_json
-from .config import EXACT_PASSES, Config
-from .errors import ConfigError
-from .scatter_png import Color, Point, write_scatter
+from .plots import Color, Point, write_scatter
 
 DEFAULT_CHUNKS = (2, 4, 8)
 

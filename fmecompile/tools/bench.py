@@ -19,10 +19,12 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.utils._pytree as pytree
 
-from . import __version__, zoo
-from .compiled import CompiledModule, capture, split_method
-from .config import Config
-from .errors import ConfigError
+from ..capture import capture_module
+from ..compiled import CompiledModule, split_method
+from ..config import Config
+from ..errors import ConfigError
+from ..version import __version__
+from . import zoo
 from .meters import MemoryReading, count_flops, measure_memory, time_call
 
 log = logging.getLogger("fmecompile")
@@ -107,7 +109,7 @@ def compare(case: Case, variants: Sequence[Variant], repeats: int = 3, warmup: i
             compiled = CompiledModule(module, variant.config, method)
             named = compiled.bind((), inputs)
             if captured is None:  # one capture serves every config
-                captured = capture(module, method, named)
+                captured = capture_module(module, method, named)
             compiled.add_program(captured, named)
             fn = lambda compiled=compiled: compiled(**inputs)
             compile_s, report = compiled.compile_seconds, compiled.report

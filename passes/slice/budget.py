@@ -15,11 +15,11 @@ import torch.fx as fx
 
 from fmecompile.config import Config
 from fmecompile.errors import ConfigError
+from fmecompile.ir import copy_with_map
 
-from .liveness import predicted_peak
-from .manager import copy_with_map
+from ..liveness import predicted_peak
+from .plan import Key, SlicePlan, apply_plan, fixed_count_of_kind, remap_plan
 from .regions import BATCH
-from .slice import Key, SlicePlan, apply_plan, fixed_count_of_kind, remap_plan
 
 CHUNK_LADDER = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128)
 

@@ -14,12 +14,12 @@ from typing import Any, Callable
 
 import torch
 
+from ..config import Config
+from ..errors import InputError
+from ..optimize import optimize, restore
 from . import pipelines
 from .bench import DTYPES, environment, markdown_table, memory_cells, output_error
-from .config import Config
-from .errors import InputError
 from .meters import measure_memory, time_call
-from .optimize import optimize, restore
 
 log = logging.getLogger("fmecompile")
 

@@ -19,6 +19,9 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.fx as fx
 
+from fmecompile.ir import arg
+from fmecompile.ir import shape as _shape
+
 from .axes import AxisAnalysis, Dims, Location, fresh_output
 
 aten = torch.ops.aten
@@ -47,10 +50,6 @@ def tensor_inputs(node: fx.Node) -> list[fx.Node]:
 
 def _ndim(node: fx.Node) -> int:
     return node.meta["val"].dim()
-
-
-def _shape(node: fx.Node) -> tuple[int, ...]:
-    return tuple(int(s) for s in node.meta["val"].shape)
 
 
 def _dim(d: int, ndim: int) -> int:
@@ -289,8 +288,8 @@ class LayerNorm(OpRule):
         if x is None:
             return fresh_output(node, analysis)
         normalized = len(node.args[1])
-        for arg in node.args[2:4]:
-            param = _dims_of(analysis, arg)
+        for affine in node.args[2:4]:
+            param = _dims_of(analysis, affine)
             if param is not None:
                 analysis.table.unify([a for d in param for a in d], [a for d in x[-normalized:] for a in d])
         return x
@@ -395,22 +394,16 @@ class DimArg(OpRule):
         return args, kwargs
 
 
-def _arg(node: fx.Node, index: int, name: str, default: Any) -> Any:
-    if len(node.args) > index:
-        return node.args[index]
-    return node.kwargs.get(name, default)
-
-
 def _softmax_dims(node):
     return {_dim(node.args[1], _ndim(node.args[0]))}
 
 
 def _cat_dims(node):
-    return {_dim(_arg(node, 1, "dim", 0), _ndim(node))}
+    return {_dim(arg(node, 1, "dim", 0), _ndim(node))}
 
 
 def _split_dims(node):
-    return {_dim(_arg(node, 2, "dim", 0), _ndim(node.args[0]))}
+    return {_dim(arg(node, 2, "dim", 0), _ndim(node.args[0]))}
 
 
 def _select_dims(node):
@@ -423,9 +416,9 @@ def _is_full_range(node: fx.Node, dim: int, start: Any, end: Any, step: Any) -> 
 
 
 def _slice_dims(node):
-    dim = _dim(_arg(node, 1, "dim", 0), _ndim(node.args[0]))
-    full = _is_full_range(node, dim, _arg(node, 2, "start", None), _arg(node, 3, "end", None),
-                          _arg(node, 4, "step", 1))
+    dim = _dim(arg(node, 1, "dim", 0), _ndim(node.args[0]))
+    full = _is_full_range(node, dim, arg(node, 2, "start", None), arg(node, 3, "end", None),
+                          arg(node, 4, "step", 1))
     return set() if full else {dim}
 
 
@@ -441,7 +434,7 @@ def _upsample_dims(node):
 
 def _reduced_dims(node):
     ndim = _ndim(node.args[0])
-    dims = _arg(node, 1, "dim", None)
+    dims = arg(node, 1, "dim", None)
     if dims is None:
         return set(range(ndim))
     dims = [dims] if isinstance(dims, int) else dims
@@ -459,7 +452,7 @@ class Reduction(DimArg):
         if src is None:
             return fresh_output(node, analysis)
         reduced = _reduced_dims(node)
-        keepdim = bool(_arg(node, 3 if node.target is aten.var_mean.correction else 2, "keepdim", False))
+        keepdim = bool(arg(node, 3 if node.target is aten.var_mean.correction else 2, "keepdim", False))
         one = tuple(() if i in reduced else d for i, d in enumerate(src) if keepdim or i not in reduced)
         val = node.meta.get("val")
         return one if isinstance(val, torch.Tensor) else [one for _ in val]
@@ -471,7 +464,7 @@ class RepeatInterleave(OpRule):
     chunkable = True
 
     def propagate(self, node, analysis):
-        dim = _arg(node, 2, "dim", None)
+        dim = arg(node, 2, "dim", None)
         src = _dims_of(analysis, node.args[0])
         if src is None or dim is None or not isinstance(node.args[1], int):
             return fresh_output(node, analysis)
@@ -481,10 +474,10 @@ class RepeatInterleave(OpRule):
         return tuple(d + new if i == dim else d for i, d in enumerate(src))
 
     def mixed(self, node, position, ndim):
-        return set() if _arg(node, 2, "dim", None) is not None and isinstance(node.args[1], int) else ALL
+        return set() if arg(node, 2, "dim", None) is not None and isinstance(node.args[1], int) else ALL
 
     def rewrite(self, node, args, kwargs, chunk_shape, out_dim):
-        dim = _dim(_arg(node, 2, "dim", 0), _ndim(node.args[0]))
+        dim = _dim(arg(node, 2, "dim", 0), _ndim(node.args[0]))
         if "output_size" in kwargs:
             kwargs = {**kwargs, "output_size": chunk_shape[dim]}
         elif len(args) > 3:
@@ -502,7 +495,6 @@ class Repeat(OpRule):
         repeats = list(node.args[1])
         if src is None:
             return fresh_output(node, analysis)
-        shape = _shape(node.args[0])
         lead = len(repeats) - len(src)
         out = []
         for i, r in enumerate(repeats):

@@ -1,20 +1,6 @@
-"""The slice pass (Feature Slicer): regions of ops that are independent along an axis run
-as loops over chunks of it, exactly.
-
-Two levels of loops:
-  1. batch: where the model is independent along its batch (the guidance batch of a
-     UNet is), the whole model runs once per batch chunk;
-  2. inside it, frames and pixels: spatial regions (convolutions, spatial attention) loop
-     over chunks of (batch*)frames, temporal regions (temporal convolutions and attention)
-     over chunks of pixels; normalizations that reduce over the chunked axis are split
-     into statistics over all chunks and a chunked apply.
-Both partitions are found on the graph as captured, where batch and frames are still two
-atoms of one dim (once the batch is chunked, spatial and temporal layers would both hold
-frames as a whole dim and could no longer be told apart); the inner regions are then
-re-derived for each batch chunk's copy of their nodes.
-
-Chunk counts come from the config, or from `memory_budget` (see chunk_plan), or default
-to what fixed_count picks from the region's sizes.
+"""The slicer's plan: the regions of a graph (before any chunk count is chosen), their
+chunk counts from the config, and applying a plan: the batch loop first, then the frame
+and pixel regions re-derived for each batch chunk's copy of their nodes (see slicer.py).
 """
 from __future__ import annotations
 
@@ -25,11 +11,12 @@ from typing import Any
 import torch.fx as fx
 
 from fmecompile.config import Config
+from fmecompile.ir import module_path, refresh_meta
 
-from .axes import AxisAnalysis, analyze
-from .chunk_loops import emit_region
-from .liveness import may_alias_classes, predicted_peak
-from .manager import PassResult, copy_with_map, refresh_meta
+from ..liveness import may_alias_classes, predicted_peak
+from .analysis import analyze
+from .axes import AxisAnalysis
+from .codegen import emit_region
 from .regions import (BATCH, SPATIAL, TEMPORAL, Region, batch_candidates, find_regions,
                       full_dim_candidates, rebuild)
 
@@ -63,40 +50,6 @@ class Applied:
 
     records: list[dict[str, Any]] = field(default_factory=list)
     instances: dict[Key, list[Region]] = field(default_factory=dict)
-
-
-def slice_pass(gm: fx.GraphModule, config: Config) -> PassResult:
-    from .chunk_plan import plan_counts  # the planner applies plans itself
-
-    nodes_before = len(gm.graph.nodes)
-    plan = find_plan(gm, config)
-    if config.memory_budget is not None:
-        counts, planning = plan_counts(gm, plan, config)
-    else:
-        counts, planning = {key: fixed_count(config, r) for key, r in plan.regions().items()}, None
-    applied = apply_plan(gm, plan, counts)
-    after = predicted_peak(gm)
-    records = applied.records
-    report = {
-        "regions": len(records),
-        "chunked_ops": sum(r["ops"] for r in records),
-        "by_kind": {kind: sum(1 for r in records if r["kind"] == kind) for kind in (BATCH, SPATIAL, TEMPORAL)},
-        "two_phase_norms": sum(r["two_phase_norms"] for r in records),
-        "predicted_peak_bytes": after,
-        "predicted_peak_before_bytes": plan.peak_before,
-        "memory_budget": config.memory_budget,
-        "nodes_before": nodes_before,
-        "nodes_after": len(gm.graph.nodes),
-        "region_list": records,
-    }
-    if planning is not None:
-        report["planning"] = planning
-    if not records:
-        report["reason"] = (
-            f"no region of ops independent along the batch, frame or pixel axis would lower the "
-            f"predicted activation peak by {MIN_SAVING:.0%} or more (regions grow from convolutions, "
-            f"attention and normalizations); the graph is left as captured")
-    return PassResult(gm, bool(records), report)
 
 
 def find_plan(gm: fx.GraphModule, config: Config) -> SlicePlan:
@@ -184,7 +137,7 @@ def _instances(region: Region, copies: dict[fx.Node, list[fx.Node]]) -> list[lis
 
 
 def _describe(region: Region, axis: str, chunks: int) -> dict[str, Any]:
-    paths = [p.split(".") for p in (_module_path(n) for n in region.nodes) if p]
+    paths = [p.split(".") for p in (module_path(n) for n in region.nodes) if p]
     return {
         "module": ".".join(os.path.commonprefix(paths)) if paths else "",
         "kind": region.kind,
@@ -195,8 +148,3 @@ def _describe(region: Region, axis: str, chunks: int) -> dict[str, Any]:
         "two_phase_norms": sum(1 for s in region.slicings.values() if s.two_phase),
         "saving_bytes": int(region.score(chunks)),
     }
-
-
-def _module_path(node: fx.Node) -> str:
-    stack = node.meta.get("nn_module_stack") or {}
-    return next(reversed(stack), "")

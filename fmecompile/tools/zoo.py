@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 import torch
 
-from .errors import ConfigError, InputError
+from ..errors import ConfigError, InputError
 
 TINY_SUFFIX = "-tiny"
 

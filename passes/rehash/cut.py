@@ -15,22 +15,39 @@ temporal layers. Everything before it is skipped on reused steps. A deeper point
 """
 from __future__ import annotations
 
+import logging
 import re
+from typing import Any
 
 import torch
 import torch.fx as fx
 
-from fmecompile.capture import GraphInput, module_path
+from fmecompile.config import Config
 from fmecompile.errors import ConfigError
+from fmecompile.ir import (CACHE, INPUT_ROLE, MODULE_STACK, VALUE, GraphInput, computing_nodes,
+                           copy_with_map, has_effect, module_paths, placeholders)
 
-from .manager import copy_with_map
+log = logging.getLogger("fmecompile")
+
+# The graphs of a rehash program, by name (in artifacts too): the first runs on full steps.
+FULL, PARTIAL = "full", "partial"
 
 _UP_BLOCK = re.compile(r"up_blocks\.(\d+)")
 
 
+def split(gm: fx.GraphModule, config: Config) -> tuple[dict[str, fx.GraphModule], dict[str, Any]]:
+    """The rehash pass: {FULL: ..., PARTIAL: ...} cut at the config's cache point (default:
+    the last up block), and the cut's report."""
+    path = config.cache_point or default_cache_point(gm)
+    full, partial, report = cut(gm, path)
+    log.info("rehash: cut at %s (%d of %d nodes run on reused steps)", path,
+             report["nodes_partial"], report["nodes_full"])
+    return {FULL: full, PARTIAL: partial}, report
+
+
 def default_cache_point(gm: fx.GraphModule) -> str:
     """The last up block of the graph's model."""
-    indices = {int(m.group(1)) for n in gm.graph.nodes for path in _module_paths(n)
+    indices = {int(m.group(1)) for n in gm.graph.nodes for path in module_paths(n)
                if (m := _UP_BLOCK.fullmatch(path))}
     if not indices:
         raise ConfigError(
@@ -42,9 +59,9 @@ def default_cache_point(gm: fx.GraphModule) -> str:
 
 def cache_node(gm: fx.GraphModule, path: str) -> fx.Node:
     """The one tensor the module at `path` hands to the rest of the graph."""
-    inside = [n for n in gm.graph.nodes if path in _module_paths(n)]
+    inside = [n for n in gm.graph.nodes if path in module_paths(n)]
     if not inside:
-        shallow = sorted({p for n in gm.graph.nodes for p in _module_paths(n) if p.count(".") <= 1})
+        shallow = sorted({p for n in gm.graph.nodes for p in module_paths(n) if p.count(".") <= 1})
         raise ConfigError(f"cache_point {path!r} names no module of this graph; modules near the "
                           f"top are {shallow}")
     members = set(inside)
@@ -71,44 +88,21 @@ def cut(gm: fx.GraphModule, path: str) -> tuple[fx.GraphModule, fx.GraphModule, 
     partial, to_partial = copy_with_map(gm)
     graph = partial.graph
     feature = to_partial[original]
-    last_input = [n for n in graph.nodes if n.op == "placeholder"][-1]
+    last_input = placeholders(partial)[-1]
     with graph.inserting_after(last_input):
         cached = graph.placeholder("fme_cached_feature")
-    cached.meta = {"val": feature.meta["val"], "fme_input": GraphInput("cache", path),
-                   "nn_module_stack": {}}
+    cached.meta = {VALUE: feature.meta[VALUE], INPUT_ROLE: GraphInput(CACHE, path), MODULE_STACK: {}}
     feature.replace_all_uses_with(cached)
-    graph.eliminate_dead_code(is_impure_node=_has_effect)
+    graph.eliminate_dead_code(is_impure_node=has_effect)
     partial.recompile()
 
-    val = original.meta["val"]
+    val = original.meta[VALUE]
     report = {
         "cache_point": path,
         "cached_shape": list(val.shape),
         "cached_dtype": str(val.dtype).removeprefix("torch."),
         "cached_bytes": val.numel() * val.element_size(),
-        "nodes_full": _computing(full),
-        "nodes_partial": _computing(partial),
+        "nodes_full": computing_nodes(full),
+        "nodes_partial": computing_nodes(partial),
     }
     return full, partial, report
-
-
-def _has_effect(node: fx.Node) -> bool:
-    """What dead-code removal must keep: placeholders (the signature), mutations, randomness.
-    FX counts every scaled_dot_product_attention as random for its dropout; with dropout_p
-    0 (inference) it is pure, and keeping it would keep the whole UNet in the partial graph."""
-    if node.op in ("placeholder", "output"):
-        return True
-    if node.target is torch.ops.aten.scaled_dot_product_attention.default:
-        dropout = node.kwargs.get("dropout_p", node.args[4] if len(node.args) > 4 else 0.0)
-        return dropout != 0.0
-    if isinstance(node.target, torch._ops.OpOverload) and node.target._schema.is_mutable:
-        return True
-    return node.is_impure()
-
-
-def _module_paths(node: fx.Node) -> list[str]:
-    return list(node.meta.get("nn_module_stack") or {})
-
-
-def _computing(gm: fx.GraphModule) -> int:
-    return sum(n.op == "call_function" for n in gm.graph.nodes)

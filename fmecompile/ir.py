@@ -1,0 +1,173 @@
+"""The canonical IR: what a graph is between capture and the runtime, and the operations
+every stage uses on it (copy, refresh, check). Capture produces it, passes read and write
+it, the runtime runs it and artifacts store it; none of them defines it.
+
+A canonical graph is an aten-level `torch.fx.GraphModule` (pre-dispatch aten:
+`aten.conv2d`, `aten.group_norm`, `aten.scaled_dot_product_attention`, views, plus the
+`fme::` custom ops the passes insert) in which
+  - every placeholder carries `meta[INPUT_ROLE]`, a `GraphInput` naming what it is;
+  - every computing node carries a FakeTensor (or a tuple of them) in `meta[VALUE]` with
+    concrete shapes;
+  - every node carries `meta[MODULE_STACK]`, an ordered mapping {dotted module path:
+    (dotted module path, class qualname)} from outermost to innermost, the root module left
+    out, whichever entry point captured it;
+  - nodes a slicer loop emitted carry `meta[REGION]`, the key of their region.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+# The node meta keys of the contract.
+VALUE = "val"
+INPUT_ROLE = "fme_input"
+MODULE_STACK = "nn_module_stack"
+REGION = "fme_region"
+
+# GraphInput kinds.
+PARAMETER, BUFFER, CONSTANT, USER, CACHE = "parameter", "buffer", "constant", "user", "cache"
+
+
+@dataclass(frozen=True)
+class GraphInput:
+    """What a placeholder of the canonical graph stands for.
+
+    kind: PARAMETER or BUFFER (name: dotted path in the module), CONSTANT (a tensor the
+    model holds outside its state dict; name: export's constant name or dynamo's source),
+    USER (name: the argument, dotted into nested containers) or CACHE (rehash's cached
+    feature; name: the cache point's module path).
+    """
+
+    kind: str
+    name: str
+
+
+# --- reading ---------------------------------------------------------------------------
+
+def placeholders(gm: fx.GraphModule) -> list[fx.Node]:
+    return [n for n in gm.graph.nodes if n.op == "placeholder"]
+
+
+def graph_inputs(gm: fx.GraphModule) -> list[GraphInput]:
+    return [n.meta[INPUT_ROLE] for n in placeholders(gm)]
+
+
+def module_paths(node: fx.Node) -> list[str]:
+    """Dotted paths of the modules the node came from, outermost first."""
+    return list(node.meta.get(MODULE_STACK) or {})
+
+
+def module_path(node: fx.Node) -> str:
+    """Dotted path of the innermost module the node came from ('' for the root)."""
+    paths = module_paths(node)
+    return paths[-1] if paths else ""
+
+
+def tensor_value(node: Any) -> torch.Tensor | None:
+    """The node's (fake) tensor, or None for non-nodes and non-tensor values."""
+    val = node.meta.get(VALUE) if isinstance(node, fx.Node) else None
+    return val if isinstance(val, torch.Tensor) else None
+
+
+def tensors_of(val: Any) -> list[torch.Tensor]:
+    """The tensors of a node's value: itself, or those of a tuple/list output."""
+    if isinstance(val, torch.Tensor):
+        return [val]
+    if isinstance(val, (list, tuple)):
+        return [v for v in val if isinstance(v, torch.Tensor)]
+    return []
+
+
+def shape(node: fx.Node) -> tuple[int, ...]:
+    return tuple(int(s) for s in node.meta[VALUE].shape)
+
+
+def arg(node: fx.Node, index: int, name: str, default: Any = None) -> Any:
+    """An op's argument by position, or by keyword where it was passed as one."""
+    if index < len(node.args):
+        return node.args[index]
+    return node.kwargs.get(name, default)
+
+
+def computing_nodes(gm: fx.GraphModule) -> int:
+    return sum(n.op == "call_function" for n in gm.graph.nodes)
+
+
+def has_effect(node: fx.Node) -> bool:
+    """What dead-code removal must keep: placeholders (the graph's signature is the
+    module's), the output, mutations and randomness. FX counts every
+    scaled_dot_product_attention as random for its dropout; with dropout_p 0 (inference)
+    it is pure, and keeping it would keep whole unused branches."""
+    if node.op in ("placeholder", "output"):
+        return True
+    if node.target is torch.ops.aten.scaled_dot_product_attention.default:
+        return arg(node, 4, "dropout_p", 0.0) != 0.0
+    if isinstance(node.target, torch._ops.OpOverload) and node.target._schema.is_mutable:
+        return True
+    return node.is_impure()
+
+
+# --- copying and refreshing ---------------------------------------------------------------
+
+def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
+    """A new GraphModule over a copy of `gm`'s graph (node metadata shallow-copied), so a
+    stage may rewrite it without touching the original."""
+    return copy_with_map(gm)[0]
+
+
+def copy_with_map(gm: fx.GraphModule) -> tuple[fx.GraphModule, dict[fx.Node, fx.Node]]:
+    """copy_graph_module, and the map from each old node to its copy."""
+    val_map: dict[fx.Node, fx.Node] = {}
+    graph = fx.Graph(tracer_cls=gm.graph._tracer_cls)
+    graph.set_codegen(copy.deepcopy(gm.graph._codegen))
+    result, old_output = graph.graph_copy(gm.graph, val_map, return_output_node=True)
+    new_output = graph.output(result)
+    new_output.meta = copy.copy(old_output.meta)
+    val_map[old_output] = new_output
+    return fx.GraphModule(gm, graph), val_map
+
+
+def refresh_meta(gm: fx.GraphModule) -> None:
+    """Recomputes every node's meta[VALUE] by fake execution from the placeholders' values.
+    A rewrite that reroutes uses (a buffer in place of a value) leaves the values of
+    downstream views describing the old storage; liveness reads storage identity."""
+    from torch._guards import detect_fake_mode
+    from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+    inputs = [n.meta.get(VALUE) for n in placeholders(gm)]
+    mode = detect_fake_mode([v for v in inputs if isinstance(v, torch.Tensor)])
+    FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*inputs)
+
+
+# --- checking --------------------------------------------------------------------------
+
+def output_signature(gm: fx.GraphModule) -> list[tuple]:
+    """Shape and dtype of every output (kind and type of non-tensor ones)."""
+    outputs = gm.graph.output_node().args[0]
+    flat = outputs if isinstance(outputs, (tuple, list)) else [outputs]
+    return [_signature(v.meta.get(VALUE) if isinstance(v, fx.Node) else v) for v in flat]
+
+
+def _signature(val: Any) -> tuple:
+    if isinstance(val, torch.Tensor):
+        return ("tensor", tuple(val.shape), val.dtype)
+    return ("value", type(val).__name__)
+
+
+def check_graph(gm: fx.GraphModule, expected_outputs: list[tuple], after: str) -> None:
+    """The invariants every stage keeps: a well-formed graph, a value on every computing
+    node, and outputs of unchanged shapes and dtypes."""
+    try:
+        gm.graph.lint()
+    except Exception as err:
+        raise AssertionError(f"{after} produced a malformed graph: {err}") from err
+    missing = [n.name for n in gm.graph.nodes if n.op == "call_function" and VALUE not in n.meta]
+    if missing:
+        raise AssertionError(f"{after} left nodes without meta[{VALUE!r}]: {missing[:5]}")
+    outputs = output_signature(gm)
+    if outputs != expected_outputs:
+        raise AssertionError(f"{after} changed the graph's outputs: {outputs} != {expected_outputs}")

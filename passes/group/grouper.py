@@ -1,0 +1,81 @@
+"""The group pass (Operator Grouping): chains of memory-bound ops become one fused kernel.
+
+Each pattern (patterns.py) is recognized at the op that ends its chain (the root) and
+replaced by one fme:: op (kernels/), called by keyword: the chain's intermediates are never
+written to memory and its launches become one. A chain is fused only when every
+intermediate is used by the chain alone (otherwise it must exist anyway, and fusing would
+compute it twice), when its shapes are ones the kernel takes and when its dtype is
+float16, bfloat16 or float32 (the kernels' dtypes; they compute in float32, as eager does
+for these ops). Anything else is left as it
+is. The slicer's loops are plain copies of the same aten ops, so chains inside them fuse
+like any other; its two-phase GroupNorm (fme::gn_apply) takes the SiLU after it.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+import torch.fx as fx
+
+import fmecompile.kernels  # noqa: F401  (registers the fme:: ops)
+from fmecompile.config import Config
+from fmecompile.ir import refresh_meta
+
+from ..liveness import may_alias_classes, predicted_peak
+from ..registry import PassResult
+from .patterns import PATTERNS, Graph, kernel_dtype
+
+
+def group_pass(gm: fx.GraphModule, config: Config) -> PassResult:
+    graph = gm.graph
+    state = Graph(_mutated_classes(graph))
+    enabled = [p for p in PATTERNS if config.group_patterns is None or p.name in config.group_patterns]
+    counts: Counter[str] = Counter()
+    nodes_before = len(graph.nodes)
+    for root in list(graph.nodes):
+        if root.op != "call_function" or not kernel_dtype(root):
+            continue
+        for pattern in enabled:
+            kwargs = pattern.match(root)
+            if kwargs is None or not pattern.condition(root, kwargs, state):
+                continue
+            _replace(graph, root, pattern.replacement(), kwargs)
+            counts[pattern.name] += 1
+            break
+    graph.eliminate_dead_code()
+    gm.recompile()
+    refresh_meta(gm)
+    report = {
+        "patterns": dict(sorted(counts.items())),
+        "fused": sum(counts.values()),
+        "nodes_before": nodes_before,
+        "nodes_after": len(graph.nodes),
+        "predicted_peak_bytes": predicted_peak(gm),
+    }
+    if not counts:
+        patterns = [p.name for p in enabled]
+        report["reason"] = (f"no chain of the patterns {patterns} in fp16, bf16 or fp32 whose "
+                            f"intermediates only the chain uses; the graph is left as captured")
+    return PassResult(gm, bool(counts), report)
+
+
+def _replace(graph: fx.Graph, root: fx.Node, target: Any, kwargs: dict[str, Any]) -> None:
+    """The root's uses read the fused op's result (or, without an op, the matched x)."""
+    if target is None:
+        root.replace_all_uses_with(kwargs["x"])
+        return
+    with graph.inserting_before(root):
+        fused = graph.call_function(target, (), kwargs)
+    # the root's shape and dtype, for matching later chains (strides: see refresh_meta)
+    fused.meta.update(root.meta)
+    root.replace_all_uses_with(fused)
+
+
+def _mutated_classes(graph: fx.Graph) -> set[fx.Node]:
+    """Nodes whose storage an in-place op writes (the slicer's loops fill buffers with
+    copy_, possibly into a dead input)."""
+    alias = may_alias_classes(graph)
+    written = {alias[n.args[0]] for n in graph.nodes
+               if n.op == "call_function" and getattr(n.target, "_schema", None) is not None
+               and n.target._schema.is_mutable and isinstance(n.args[0], fx.Node)}
+    return {n for n in graph.nodes if alias[n] in written}

@@ -1,0 +1,125 @@
+"""What a region costs and saves: the storages its values hold when it runs unchunked, and
+which of its outputs can be written into a dying input's storage instead of a new buffer.
+
+`Region.score` turns these into the bytes a loop saves: unchunked, the region's values peak
+at `peak_bytes`; chunked, its dying inputs and all output buffers exist for the whole loop
+and the intermediates of one chunk at a time.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+
+from torch.multiprocessing.reductions import StorageWeakRef
+
+from fmecompile.ir import tensors_of
+from .axes import Location
+from .rules import Slicing, tensor_inputs
+
+
+@dataclass(frozen=True)
+class RegionCost:
+    output_bytes: int  # the buffers the loop writes
+    input_bytes: int  # inputs that die inside the region (chunked: at its end)
+    peak_bytes: int  # most bytes the region's own values hold at once, run unchunked
+    internal_peak_bytes: int  # the same, counting only values that die inside
+
+
+def region_cost(nodes: list[fx.Node], inputs: list[fx.Node], outputs: list[fx.Node],
+                members: set[fx.Node]) -> RegionCost:
+    """Liveness of the storages the region touches when it runs unchunked, in order:
+    inputs no one needs after the region die at their last use inside it, outputs stay.
+    Chunked, those inputs live until the loop ends and all outputs from its start."""
+    storages: dict[StorageWeakRef, int] = {}
+    users: dict[StorageWeakRef, set[fx.Node]] = {}
+    made: dict[fx.Node, StorageWeakRef] = {}
+    for node in [*inputs, *nodes]:
+        for ref, size in _storages(node):
+            storages[ref] = size
+            made.setdefault(node, ref)
+            users.setdefault(ref, set()).update(node.users)
+    outside_users = lambda ref: any(u not in members for u in users[ref])
+    dying_inputs = {ref for node in inputs for ref, _ in _storages(node) if not outside_users(ref)}
+    kept = {ref for node in outputs for ref, _ in _storages(node)}
+    pending = {ref: len([u for u in users[ref] if u in members]) for ref in storages}
+    live = sum(storages[r] for r in dying_inputs)
+    internal = 0
+    counted: set[StorageWeakRef] = set(dying_inputs)
+    output_bytes, input_bytes = sum(storages[r] for r in kept), live
+    peak_bytes = internal_peak_bytes = 0
+    input_refs = {ref for node in inputs for ref, _ in _storages(node)}
+    for node in nodes:
+        for ref, size in _storages(node):
+            if ref not in counted and ref not in input_refs:  # views of inputs add nothing
+                counted.add(ref)
+                live += size
+                if ref not in kept:
+                    internal += size
+        peak_bytes = max(peak_bytes, live)
+        internal_peak_bytes = max(internal_peak_bytes, internal)
+        for source in node.all_input_nodes:
+            for ref, size in _storages(source):
+                if ref not in pending:
+                    continue
+                pending[ref] -= 1
+                if pending[ref] == 0 and ref in counted and ref not in kept and not outside_users(ref):
+                    live -= size
+                    if ref not in dying_inputs:
+                        internal -= size
+                    counted.discard(ref)
+    return RegionCost(output_bytes, input_bytes, peak_bytes, internal_peak_bytes)
+
+
+def reusable_inputs(nodes: list[fx.Node], slicings: dict[fx.Node, Slicing], outputs: list[fx.Node],
+                    position: dict[fx.Node, int], alias: dict[fx.Node, fx.Node]) -> dict[fx.Node, fx.Node]:
+    """For outputs of the region that can be written into one of its inputs, that input.
+
+    Legal when the input's storage is an intermediate (no graph input, weight or constant)
+    that nothing outside the region reads from the region's first op on, the region reads
+    it through that one node only, always at the chunk it is computing, with the output's
+    shape, dtype and chunk location, and the output does not itself alias it. Then chunk i
+    of the output overwrites exactly chunk i of the input, which no later chunk reads.
+    Storage sharing is judged conservatively: `alias` is liveness.may_alias_classes of
+    the graph as it is now (one walk of the graph, shared by all regions found on it);
+    `position` is each node's index in the graph as it is now."""
+    members = set(nodes)
+    graph = nodes[0].graph
+    start = min(position[n] for n in nodes)
+    reads: dict[fx.Node, set[Location | None]] = {}
+    for node in nodes:
+        for arg, loc in zip(tensor_inputs(node), slicings[node].inputs):
+            if arg not in members:
+                reads.setdefault(arg, set()).add(loc)
+    sharing: dict[fx.Node, list[fx.Node]] = {}
+    for node in graph.nodes:
+        sharing.setdefault(alias[node], []).append(node)
+    read_classes: dict[fx.Node, int] = {}
+    for node in reads:
+        read_classes[alias[node]] = read_classes.get(alias[node], 0) + 1
+    reused: dict[fx.Node, fx.Node] = {}
+    for out in outputs:
+        val, loc = out.meta["val"], slicings[out].outputs[0]
+        for inp, locs in reads.items():
+            cls = alias[inp]
+            if (read_classes[cls] > 1 or inp in reused.values() or locs != {loc} or alias[out] == cls
+                    or inp.meta["val"].shape != val.shape or inp.meta["val"].dtype != val.dtype):
+                continue
+            aliases = sharing[cls]
+            if any(a.op in ("placeholder", "get_attr", "output") for a in aliases):
+                continue
+            if any(position[user] >= start and user not in members for a in aliases for user in a.users):
+                continue
+            reused[out] = inp
+            break
+    return reused
+
+
+def _storages(node: fx.Node) -> list[tuple[StorageWeakRef, int]]:
+    return [(StorageWeakRef(v.untyped_storage()), v.untyped_storage().nbytes()) for v in tensors_of(node.meta.get("val"))]
+
+
+def nbytes(node: fx.Node) -> int:
+    val = node.meta.get("val")
+    return val.numel() * val.element_size() if isinstance(val, torch.Tensor) else 0

@@ -1,0 +1,66 @@
+"""The slice pass (Feature Slicer): regions of ops that are independent along an axis run
+as loops over chunks of it, exactly.
+
+Two levels of loops:
+  1. batch: where the model is independent along its batch (the guidance batch of a
+     UNet is), the whole model runs once per batch chunk;
+  2. inside it, frames and pixels: spatial regions (convolutions, spatial attention) loop
+     over chunks of (batch*)frames, temporal regions (temporal convolutions and attention)
+     over chunks of pixels; normalizations that reduce over the chunked axis are split
+     into statistics over all chunks and a chunked apply.
+Both partitions are found on the graph as captured, where batch and frames are still two
+atoms of one dim (once the batch is chunked, spatial and temporal layers would both hold
+frames as a whole dim and could no longer be told apart); the inner regions are then
+re-derived for each batch chunk's copy of their nodes.
+
+Chunk counts come from the config, or from `memory_budget` (budget.py), or default
+to what fixed_count picks from the region's sizes.
+
+The slicer's modules, in the order the data flows: axes.py (atoms and dims), rules.py
+(each op's rule), analysis.py (the axis analysis of a graph), regions.py (growing regions),
+cost.py (what a region saves), plan.py (regions and counts, applied), budget.py (counts
+from a memory budget), codegen.py (a region becomes a loop).
+"""
+from __future__ import annotations
+
+import torch.fx as fx
+
+from fmecompile.config import Config
+
+from ..liveness import predicted_peak
+from ..registry import PassResult
+from .budget import plan_counts
+from .plan import MIN_SAVING, apply_plan, find_plan, fixed_count
+from .regions import BATCH, SPATIAL, TEMPORAL
+
+
+def slice_pass(gm: fx.GraphModule, config: Config) -> PassResult:
+    nodes_before = len(gm.graph.nodes)
+    plan = find_plan(gm, config)
+    if config.memory_budget is not None:
+        counts, planning = plan_counts(gm, plan, config)
+    else:
+        counts, planning = {key: fixed_count(config, r) for key, r in plan.regions().items()}, None
+    applied = apply_plan(gm, plan, counts)
+    after = predicted_peak(gm)
+    records = applied.records
+    report = {
+        "regions": len(records),
+        "chunked_ops": sum(r["ops"] for r in records),
+        "by_kind": {kind: sum(1 for r in records if r["kind"] == kind) for kind in (BATCH, SPATIAL, TEMPORAL)},
+        "two_phase_norms": sum(r["two_phase_norms"] for r in records),
+        "predicted_peak_bytes": after,
+        "predicted_peak_before_bytes": plan.peak_before,
+        "memory_budget": config.memory_budget,
+        "nodes_before": nodes_before,
+        "nodes_after": len(gm.graph.nodes),
+        "region_list": records,
+    }
+    if planning is not None:
+        report["planning"] = planning
+    if not records:
+        report["reason"] = (
+            f"no region of ops independent along the batch, frame or pixel axis would lower the "
+            f"predicted activation peak by {MIN_SAVING:.0%} or more (regions grow from convolutions, "
+            f"attention and normalizations); the graph is left as captured")
+    return PassResult(gm, bool(records), report)
