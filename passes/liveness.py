@@ -1,20 +1,87 @@
-"""Predicted activation memory of a graph from tensor liveness.
+"""Predicted activation memory from tensor liveness, and which values may share storage.
 
-Executing the graph in order, every op allocates the storages of its outputs that are
-new (views, in-place ops and getitems share an existing storage, read off the FakeTensor
-metadata); a storage is freed after the last op that reads it or any view of it. Graph
-inputs are not counted (they are the caller's), graph outputs are never freed. This is
-what the CPU live-bytes meter measures, minus the scratch buffers some kernels allocate
-inside one op.
+`simulate` is the one memory simulator: executing nodes in order, every op allocates the
+storages of its outputs that are new (views, in-place ops and getitems share an existing
+storage, read off the FakeTensor metadata), and a storage is freed after the last op that
+reads it or any view of it. `profile` runs it over a whole graph (graph inputs are not
+counted, they are the caller's; graph outputs are never freed): what the CPU live-bytes
+meter measures, minus the scratch buffers some kernels allocate inside one op. The slicer
+runs it over one region (slice/cost.py).
 """
 from __future__ import annotations
 
 import operator
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
 
-import torch
 import torch.fx as fx
 from torch.multiprocessing.reductions import StorageWeakRef
+
+from fmecompile.ir import tensors_of
+
+Storage = StorageWeakRef
+
+
+def storages(node: fx.Node) -> list[tuple[Storage, int]]:
+    """The storages of a node's value, with their sizes in bytes."""
+    return [(StorageWeakRef(t.untyped_storage()), t.untyped_storage().nbytes()) for t in tensors_of(node.meta.get("val"))]
+
+
+@dataclass
+class Walk:
+    """What a simulation saw: the peak of live bytes and the node it occurred at, the live
+    bytes while each node runs (its outputs allocated), and the peak of each group."""
+
+    peak: int = 0
+    peak_node: fx.Node | None = None
+    live_at: dict[fx.Node, int] = field(default_factory=dict)
+    group_peaks: Counter = field(default_factory=Counter)
+
+
+def simulate(nodes: list[fx.Node], *, preloaded: Iterable[tuple[Storage, int]] = (),
+             pinned: set[Storage] = frozenset(), uncounted: set[Storage] = frozenset(),
+             group: Callable[[Storage], str] = lambda storage: "") -> Walk:
+    """Runs `nodes` in order. `preloaded` storages are live from the start; a node
+    allocates each storage of its value not yet seen, except `uncounted` ones; a storage is
+    freed after the last of `nodes` that produces or reads it, unless `pinned`. `group`
+    sorts storages into groups whose own peaks are kept too."""
+    last = _last_use(nodes)
+    frees: dict[int, list[Storage]] = {}
+    for storage, index in last.items():
+        if storage not in pinned:
+            frees.setdefault(index, []).append(storage)
+    walk, live, totals = Walk(), {}, Counter()
+    for storage, size in preloaded:
+        live[storage] = size
+        totals[group(storage)] += size
+    seen = set(live) | set(uncounted)
+    for index, node in enumerate(nodes):
+        for storage, size in storages(node):
+            if storage not in seen:
+                seen.add(storage)
+                live[storage] = size
+                totals[group(storage)] += size
+        now = sum(totals.values())
+        walk.live_at[node] = now
+        if now > walk.peak:
+            walk.peak, walk.peak_node = now, node
+        for name, total in totals.items():
+            walk.group_peaks[name] = max(walk.group_peaks[name], total)
+        for storage in frees.get(index, []):
+            if storage in live:
+                totals[group(storage)] -= live.pop(storage)
+    return walk
+
+
+def _last_use(nodes: list[fx.Node]) -> dict[Storage, int]:
+    """For every storage the nodes produce or read, the index of the last that does."""
+    last: dict[Storage, int] = {}
+    for index, node in enumerate(nodes):
+        for source in [node, *node.all_input_nodes]:
+            for storage, _ in storages(source):
+                last[storage] = index
+    return last
 
 
 @dataclass
@@ -24,56 +91,12 @@ class Profile:
     live_at: dict[fx.Node, int]  # live bytes while each node runs (its outputs allocated)
 
 
-def _tensors(val) -> list[torch.Tensor]:
-    if isinstance(val, torch.Tensor):
-        return [val]
-    if isinstance(val, (list, tuple)):
-        return [v for v in val if isinstance(v, torch.Tensor)]
-    return []
-
-
 def profile(gm: fx.GraphModule) -> Profile:
     nodes = list(gm.graph.nodes)
-    storage_of: dict[fx.Node, list[StorageWeakRef]] = {}
-    nbytes: dict[StorageWeakRef, int] = {}
-    external: set[StorageWeakRef] = set()
-    last_use: dict[StorageWeakRef, int] = {}
-    outputs: set[StorageWeakRef] = set()
-    for index, node in enumerate(nodes):
-        refs = []
-        for t in _tensors(node.meta.get("val")):
-            ref = StorageWeakRef(t.untyped_storage())
-            refs.append(ref)
-            nbytes.setdefault(ref, t.untyped_storage().nbytes())
-            if node.op == "placeholder":
-                external.add(ref)
-            last_use[ref] = max(last_use.get(ref, index), index)
-        storage_of[node] = refs
-        for source in node.all_input_nodes:
-            for ref in storage_of.get(source, []):
-                last_use[ref] = index
-        if node.op == "output":
-            for source in node.all_input_nodes:
-                outputs.update(storage_of.get(source, []))
-    live, peak, peak_node = 0, 0, None
-    allocated: set[StorageWeakRef] = set()
-    frees: dict[int, list[StorageWeakRef]] = {}
-    for ref, index in last_use.items():
-        if ref not in outputs and ref not in external:
-            frees.setdefault(index, []).append(ref)
-    live_at: dict[fx.Node, int] = {}
-    for index, node in enumerate(nodes):
-        for ref in storage_of[node]:
-            if ref not in allocated and ref not in external:
-                allocated.add(ref)
-                live += nbytes[ref]
-        live_at[node] = live
-        if live > peak:
-            peak, peak_node = live, node
-        for ref in frees.get(index, []):
-            if ref in allocated:
-                live -= nbytes[ref]
-    return Profile(peak, peak_node, live_at)
+    external = {s for n in nodes if n.op == "placeholder" for s, _ in storages(n)}
+    outputs = {s for n in gm.graph.output_node().all_input_nodes for s, _ in storages(n)}
+    walk = simulate(nodes, pinned=external | outputs, uncounted=external)
+    return Profile(walk.peak, walk.peak_node, walk.live_at)
 
 
 def predicted_peak(gm: fx.GraphModule) -> int:
@@ -118,8 +141,8 @@ def _aliased_inputs(node: fx.Node) -> list[fx.Node]:
             value = node.args[position] if position < len(node.args) else node.kwargs.get(argument.name)
             if isinstance(value, fx.Node):
                 sources.append(value)
-    outputs = {StorageWeakRef(t.untyped_storage()) for t in _tensors(node.meta.get("val"))}
+    outputs = {storage for storage, _ in storages(node)}
     for source in node.all_input_nodes:
-        if any(StorageWeakRef(t.untyped_storage()) in outputs for t in _tensors(source.meta.get("val"))):
+        if any(storage in outputs for storage, _ in storages(source)):
             sources.append(source)
     return sources

@@ -12,9 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
-from torch.multiprocessing.reductions import StorageWeakRef
-
-from fmecompile.ir import tensors_of
+from ..liveness import Storage, simulate, storages
 from .axes import Location
 from .rules import Slicing, tensor_inputs
 
@@ -32,44 +30,18 @@ def region_cost(nodes: list[fx.Node], inputs: list[fx.Node], outputs: list[fx.No
     """Liveness of the storages the region touches when it runs unchunked, in order:
     inputs no one needs after the region die at their last use inside it, outputs stay.
     Chunked, those inputs live until the loop ends and all outputs from its start."""
-    storages: dict[StorageWeakRef, int] = {}
-    users: dict[StorageWeakRef, set[fx.Node]] = {}
-    made: dict[fx.Node, StorageWeakRef] = {}
+    users: dict[Storage, set[fx.Node]] = {}
     for node in [*inputs, *nodes]:
-        for ref, size in _storages(node):
-            storages[ref] = size
-            made.setdefault(node, ref)
-            users.setdefault(ref, set()).update(node.users)
-    outside_users = lambda ref: any(u not in members for u in users[ref])
-    dying_inputs = {ref for node in inputs for ref, _ in _storages(node) if not outside_users(ref)}
-    kept = {ref for node in outputs for ref, _ in _storages(node)}
-    pending = {ref: len([u for u in users[ref] if u in members]) for ref in storages}
-    live = sum(storages[r] for r in dying_inputs)
-    internal = 0
-    counted: set[StorageWeakRef] = set(dying_inputs)
-    output_bytes, input_bytes = sum(storages[r] for r in kept), live
-    peak_bytes = internal_peak_bytes = 0
-    input_refs = {ref for node in inputs for ref, _ in _storages(node)}
-    for node in nodes:
-        for ref, size in _storages(node):
-            if ref not in counted and ref not in input_refs:  # views of inputs add nothing
-                counted.add(ref)
-                live += size
-                if ref not in kept:
-                    internal += size
-        peak_bytes = max(peak_bytes, live)
-        internal_peak_bytes = max(internal_peak_bytes, internal)
-        for source in node.all_input_nodes:
-            for ref, size in _storages(source):
-                if ref not in pending:
-                    continue
-                pending[ref] -= 1
-                if pending[ref] == 0 and ref in counted and ref not in kept and not outside_users(ref):
-                    live -= size
-                    if ref not in dying_inputs:
-                        internal -= size
-                    counted.discard(ref)
-    return RegionCost(output_bytes, input_bytes, peak_bytes, internal_peak_bytes)
+        for storage, _ in storages(node):
+            users.setdefault(storage, set()).update(node.users)
+    read_outside = {s for s, readers in users.items() if any(u not in members for u in readers)}
+    input_storages = {s: size for node in inputs for s, size in storages(node)}
+    dying = {s: size for s, size in input_storages.items() if s not in read_outside}
+    kept = {s: size for node in outputs for s, size in storages(node)}
+    walk = simulate(nodes, preloaded=dying.items(), pinned=set(kept) | read_outside,
+                    uncounted=set(input_storages),
+                    group=lambda s: "internal" if s not in kept and s not in dying else "kept")
+    return RegionCost(sum(kept.values()), sum(dying.values()), walk.peak, walk.group_peaks["internal"])
 
 
 def reusable_inputs(nodes: list[fx.Node], slicings: dict[fx.Node, Slicing], outputs: list[fx.Node],
@@ -114,10 +86,6 @@ def reusable_inputs(nodes: list[fx.Node], slicings: dict[fx.Node, Slicing], outp
             reused[out] = inp
             break
     return reused
-
-
-def _storages(node: fx.Node) -> list[tuple[StorageWeakRef, int]]:
-    return [(StorageWeakRef(v.untyped_storage()), v.untyped_storage().nbytes()) for v in tensors_of(node.meta.get("val"))]
 
 
 def nbytes(node: fx.Node) -> int:
