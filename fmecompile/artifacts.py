@@ -1,15 +1,20 @@
-"""Artifacts: a compiled program saved to one file and loaded in seconds, without running
-any pass again.
+"""Artifacts: the compiled programs of a module saved to one file and loaded without
+running any pass again.
 
     fme.save(compiled, "svd-unet.fme")
     unet = fme.load("svd-unet.fme", pipe.unet)     # a CompiledModule over pipe.unet
 
+A module holds one program per input signature it was called with (a pipeline calls its
+UNet with return_dict=False, AnimateDiff's scheduler with an int64 timestep): all are saved,
+so an artifact saved after one generation serves the pipeline that generated it.
+
 The file is a zip archive:
-  manifest.json        format and versions, the Config, a hash of the model's config, the
-                       weights' names, shapes and dtypes, the input signature, the plan (the
-                       program's report), and a SHA-256 of every other member;
-  graphs/<name>.pt2    each graph of the program ("main", or "full" and "partial" with
-                       rehash) as a torch.export program (torch.export.save).
+  manifest.json               format and versions, the Config, a hash of the model's config,
+                              the weights' names, shapes and dtypes, and per program its input
+                              signature, call structure and plan (the report); a SHA-256 of
+                              every other member;
+  programs/<i>/<name>.pt2     each graph of program i ("main", or "full" and "partial" with
+                              rehash) as a torch.export program (torch.export.save).
 Weights are not in the file: the saved programs hold shape-only (meta) tensors in their
 place, and the loaded program reads the weights of the module given to `load` at every call,
 as a freshly compiled one does.
@@ -25,6 +30,7 @@ import io
 import json
 import re
 import zipfile
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -46,8 +52,9 @@ from .runtime import Program
 from .version import __version__
 
 FORMAT = "fmecompile-artifact"
-# Bumped whenever the layout of the archive or of the manifest changes.
-FORMAT_VERSION = 1
+# Bumped whenever the layout of the archive or of the manifest changes. 2: one entry per
+# program (input signature) under "programs".
+FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 
 _INPUT_KINDS = {PARAMETER: InputKind.PARAMETER, BUFFER: InputKind.BUFFER, CONSTANT: InputKind.CONSTANT_TENSOR}
@@ -56,13 +63,22 @@ _INPUT_KINDS = {PARAMETER: InputKind.PARAMETER, BUFFER: InputKind.BUFFER, CONSTA
 # --- saving ----------------------------------------------------------------------------
 
 def save(compiled: CompiledModule, path: str | Path) -> Path:
-    """Writes the program `compiled` ran last (its most recent input signature) to `path`."""
+    """Writes every program `compiled` holds (one per input signature it has compiled or
+    loaded) to `path`: optimize a pipeline, generate once, and save its UNet, and the
+    artifact serves every call that pipeline makes."""
     if not isinstance(compiled, CompiledModule):
         raise ArtifactError(f"fmecompile.save takes a CompiledModule (from fmecompile.compile or "
                             f"fmecompile.load), got {type(compiled).__name__}")
-    program = compiled.current_program()
+    programs = compiled.programs()
+    if not programs:
+        compiled.current_program()  # raises: nothing compiled yet
     module = compiled.module
-    members = {f"graphs/{name}.pt2": _exported_bytes(gm, program, module) for name, gm in program.graphs.items()}
+    members: dict[str, bytes] = {}
+    entries = []
+    for index, program in enumerate(programs):
+        files = {name: f"programs/{index}/{name}.pt2" for name in program.graphs}
+        members.update({files[name]: _exported_bytes(gm, program, module) for name, gm in program.graphs.items()})
+        entries.append(_program_entry(program, files))
     manifest = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -71,19 +87,10 @@ def save(compiled: CompiledModule, path: str | Path) -> Path:
             "class": _qualname(type(module)),
             "method": compiled.method,
             "config_sha256": model_config_hash(module),
-            "weights": _weights_of(module, program.inputs),
+            "weights": _weights_of(module, [role for program in programs for role in program.inputs]),
         },
         "config": compiled.fme_config.to_dict(),
-        "inputs": [_describe_leaf(ph.meta[VALUE], ph.meta[INPUT_ROLE].name)
-                   for ph in placeholders(program.graph_module) if ph.meta[INPUT_ROLE].kind == USER],
-        "input_roles": [[role.kind, role.name] for role in program.inputs],
-        "in_spec": pytree.treespec_dumps(program.in_spec),
-        "out_spec": pytree.treespec_dumps(program.out_spec),
-        "graphs": {name: {"file": f"graphs/{name}.pt2",
-                          "roles": [[r.kind, r.name] for r in (ph.meta[INPUT_ROLE] for ph in placeholders(gm))]}
-                   for name, gm in program.graphs.items()},
-        "plan": program.report,
-        "compile_seconds": program.compile_seconds,
+        "programs": entries,
         "sha256": {member: hashlib.sha256(data).hexdigest() for member, data in members.items()},
     }
     path = Path(path)
@@ -93,8 +100,50 @@ def save(compiled: CompiledModule, path: str | Path) -> Path:
         archive.writestr(MANIFEST, json.dumps(manifest, indent=1, default=str))
         for member, data in members.items():
             archive.writestr(member, data)
+        archive.comment = _SEAL_PREFIX + b"0" * 64
+    _seal(partial)
     partial.replace(path)
     return path
+
+
+# The archive's comment, its last bytes, holds the SHA-256 of every byte before it: zip's
+# own checks miss changes in fields it never reads (times, flags), this sees any flip.
+_SEAL_PREFIX = b"fmecompile-sha256:"
+_SEAL_LENGTH = len(_SEAL_PREFIX) + 64
+
+
+def _seal(path: Path) -> None:
+    data = path.read_bytes()
+    digest = hashlib.sha256(data[:-_SEAL_LENGTH]).hexdigest().encode()
+    path.write_bytes(data[:-64] + digest)
+
+
+def _check_seal(path: Path, comment: bytes) -> None:
+    """A sealed archive must match its seal. An archive without a comment was written by
+    other tools (its members are still checked against the manifest's checksums)."""
+    if not comment:
+        return
+    data = path.read_bytes()
+    if (len(comment) != _SEAL_LENGTH or not comment.startswith(_SEAL_PREFIX) or not data.endswith(comment)
+            or hashlib.sha256(data[:-_SEAL_LENGTH]).hexdigest().encode() != comment[len(_SEAL_PREFIX):]):
+        raise zipfile.BadZipFile("its bytes do not match the SHA-256 it was sealed with")
+
+
+def _program_entry(program: Program, files: dict[str, str]) -> dict[str, Any]:
+    """A program's part of the manifest: its input signature and call structure, each
+    graph's file and input roles, and its plan (the report)."""
+    return {
+        "inputs": [_describe_leaf(ph.meta[VALUE], ph.meta[INPUT_ROLE].name)
+                   for ph in placeholders(program.graph_module) if ph.meta[INPUT_ROLE].kind == USER],
+        "input_roles": [[role.kind, role.name] for role in program.inputs],
+        "in_spec": pytree.treespec_dumps(program.in_spec),
+        "out_spec": pytree.treespec_dumps(program.out_spec),
+        "graphs": {name: {"file": files[name],
+                          "roles": [[r.kind, r.name] for r in (ph.meta[INPUT_ROLE] for ph in placeholders(gm))]}
+                   for name, gm in program.graphs.items()},
+        "plan": program.report,
+        "compile_seconds": program.compile_seconds,
+    }
 
 
 def _exported_bytes(gm: fx.GraphModule, program: Program, module: torch.nn.Module) -> bytes:
@@ -200,27 +249,27 @@ def _dtype_name(dtype: torch.dtype) -> str:
 # --- loading ---------------------------------------------------------------------------
 
 class LoadedModule(CompiledModule):
-    """A CompiledModule loaded from an artifact. It serves the input signature it was
+    """A CompiledModule loaded from an artifact. It serves the input signatures it was
     compiled for; other inputs raise InputError rather than compiling (nothing is
     recompiled at load or later: compile and save again for other inputs)."""
 
     def __init__(self, module: torch.nn.Module, config: Config, method: str, artifact_path: str) -> None:
         super().__init__(module, config, method)
         self.artifact_path = artifact_path
-        self._compiled_inputs: dict[str, Any] = {}
+        self._compiled_inputs: list[dict[str, Any]] = []
         self._compiled_weights: frozenset = frozenset()
 
     def serve(self, program: Program, named: dict[str, Any]) -> None:
-        """Serves `program` (built with this module's `steps`) for the call `named`."""
-        self._compiled_inputs = named
+        """Serves `program` (built with this module's `steps`) for calls like `named`."""
+        self._compiled_inputs.append(named)
         self._compiled_weights = self._weight_kinds()
         self.adopt_program(program, named)
 
     def _specialize(self, named: dict[str, Any]) -> Program:
-        compiled_for = describe_inputs(self._compiled_inputs)
+        compiled_for = [describe_inputs(inputs) for inputs in self._compiled_inputs]
         given = describe_inputs(named)
-        if compiled_for != given:
-            problem = f"it was compiled for inputs {compiled_for}, and got {given}"
+        if given not in compiled_for:
+            problem = f"it was compiled for inputs {' or '.join(compiled_for)}, and got {given}"
         else:
             problem = (f"it was compiled for weights of dtype/device {sorted(map(str, self._compiled_weights))}, "
                        f"and the module now has {sorted(map(str, self._weight_kinds()))}")
@@ -246,34 +295,47 @@ def load(path: str | Path, module: torch.nn.Module) -> CompiledModule:
     members, manifest = _read_archive(path)
     _check_versions(manifest, path)
     method = _check_model(manifest, module, path)
-    graphs, constants = {}, {}
-    for name, entry in manifest["graphs"].items():
-        graphs[name], graph_constants = _load_graph(
-            members[entry["file"]], [GraphInput(*role) for role in entry["roles"]], path, entry["file"])
-        constants.update(graph_constants)
     try:
         config = Config.from_options(manifest["config"])
-        in_spec = pytree.treespec_loads(manifest["in_spec"])
-        out_spec = pytree.treespec_loads(manifest["out_spec"])
     except (ConfigError, ValueError, TypeError, KeyError) as err:
-        raise ArtifactError(f"{path}: the manifest's config or call structure cannot be read "
-                            f"({first_line(err)}); compile and save the model again") from err
-    inputs = [GraphInput(*role) for role in manifest["input_roles"]]
+        raise ArtifactError(f"{path}: the manifest's config cannot be read ({first_line(err)}); "
+                            f"compile and save the model again") from err
     loaded = LoadedModule(module, config, method, str(path))
-    program = Program(graphs, manifest["plan"], config, inputs, constants, in_spec, out_spec, module,
-                      manifest["compile_seconds"], loaded.steps)
-    loaded.serve(program, _example_call(manifest["inputs"], in_spec))
+    for entry in manifest["programs"]:
+        program, named = _load_program(entry, members, config, module, loaded, path)
+        loaded.serve(program, named)
     return loaded
+
+
+def _load_program(entry: dict[str, Any], members: dict[str, bytes], config: Config, module: torch.nn.Module,
+                  loaded: LoadedModule, path: Path) -> tuple[Program, dict[str, Any]]:
+    """One saved program, bound to `module`, and an example of the calls it serves."""
+    graphs, constants = {}, {}
+    for name, graph in entry["graphs"].items():
+        graphs[name], graph_constants = _load_graph(
+            members[graph["file"]], [GraphInput(*role) for role in graph["roles"]], path, graph["file"])
+        constants.update(graph_constants)
+    try:
+        in_spec = pytree.treespec_loads(entry["in_spec"])
+        out_spec = pytree.treespec_loads(entry["out_spec"])
+    except (ValueError, TypeError, KeyError) as err:
+        raise ArtifactError(f"{path}: the manifest's call structure cannot be read "
+                            f"({first_line(err)}); compile and save the model again") from err
+    inputs = [GraphInput(*role) for role in entry["input_roles"]]
+    program = Program(graphs, entry["plan"], config, inputs, constants, in_spec, out_spec, module,
+                      entry["compile_seconds"], loaded.steps)
+    return program, _example_call(entry["inputs"], in_spec)
 
 
 def _read_archive(path: Path) -> tuple[dict[str, bytes], dict[str, Any]]:
     """Every member's bytes, checked against the manifest's checksums, and the manifest."""
     try:
         with zipfile.ZipFile(path) as archive:
+            _check_seal(path, archive.comment)
             members = {name: archive.read(name) for name in archive.namelist()}
     except FileNotFoundError:
         raise ArtifactError(f"no artifact at {path}; write one with fmecompile.save or `fme compile --out`") from None
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, ValueError) as err:
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, zlib.error, OSError, EOFError, ValueError) as err:
         raise ArtifactError(f"{path} is truncated or corrupted ({first_line(err)}); "
                             f"write it again with fmecompile.save or `fme compile --out`") from err
     if MANIFEST not in members:
@@ -283,8 +345,10 @@ def _read_archive(path: Path) -> tuple[dict[str, bytes], dict[str, Any]]:
         manifest = json.loads(members[MANIFEST])
         if manifest.get("format") != FORMAT:
             raise ValueError(f"format {manifest.get('format')!r}")
+        if manifest.get("format_version") != FORMAT_VERSION:
+            return members, manifest  # refused by _check_versions, saying which format it is
         checksums = manifest["sha256"]
-        files = [entry["file"] for entry in manifest["graphs"].values()]
+        files = [graph["file"] for entry in manifest["programs"] for graph in entry["graphs"].values()]
     except (ValueError, KeyError, TypeError, AttributeError) as err:
         raise ArtifactError(f"{path} has no readable fmecompile manifest ({first_line(err)}); "
                             f"write it again with fmecompile.save or `fme compile --out`") from err

@@ -11,6 +11,7 @@ from typing import Sequence
 import torch
 
 from .artifacts import save
+from .compiled import CompiledModule
 from .compiled import compile as compile_module
 from .config import EXACT_PASSES, Config, parse_bytes
 from .errors import ConfigError, FmeError
@@ -19,6 +20,7 @@ from .tools.ablation import DEFAULT_CHUNKS, run_ablation
 from .tools.bench import BASELINES, DTYPES, Case, Variant, compare, format_table, write_json
 from .tools.pipeline_bench import PipelineCase, compare_pipelines, default_settings
 from .tools.pipeline_bench import format_table as format_pipeline_table
+from .tools.pipelines import PIPELINES, build_pipeline, compile_for_pipeline
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -78,9 +80,13 @@ def _parser() -> argparse.ArgumentParser:
     ablate.add_argument("--out", default=".", help="folder for ablation-<case>.md/.json/.png")
     ablate.set_defaults(run=run_ablate)
 
-    compile_ = sub.add_parser("compile", help="compile a model for one input signature and save the "
-                                              "artifact (load it with fmecompile.load(path, model))")
-    _add_case_arguments(compile_)
+    compile_ = sub.add_parser("compile", help="compile a model for one input signature, or a pipeline's "
+                                              "UNet for the signatures that pipeline calls it with, and "
+                                              "save the artifact (load it with fmecompile.load(path, model))")
+    _add_case_arguments(compile_, model_required=False)
+    compile_.add_argument("--pipeline", choices=PIPELINES,
+                          help="compile the UNet of this pipeline for exactly its calls (instead of --model)")
+    compile_.add_argument("--tiny", action="store_true", help="with --pipeline: the tiny variant")
     compile_.add_argument("--passes", default=",".join(EXACT_PASSES),
                           help="comma-separated passes, or 'none' for the identity compile")
     compile_.add_argument("--spatial-chunks", type=int)
@@ -179,17 +185,34 @@ def run_pipeline_bench(args: argparse.Namespace) -> int:
 
 
 def run_compile(args: argparse.Namespace) -> int:
-    case = _case_from_arguments(args)
+    if (args.model is None) == (args.pipeline is None):
+        raise ConfigError("give --model (one input signature) or --pipeline (that pipeline's UNet calls)")
     config = _config_from_arguments(args)
-    model = zoo.build_model(case.model, dtype=case.torch_dtype, device=case.device, seed=case.seed)
-    inputs = zoo.example_inputs(case.model, batch=case.batch, frames=case.frames, height=case.height,
-                                width=case.width, dtype=case.torch_dtype, device=case.device, seed=case.seed)
-    compiled = compile_module(zoo.compile_target(case.model, model), kwargs=inputs, config=config)
+    if args.pipeline:
+        compiled, what, bind_to = _compile_pipeline_unet(args, config)
+    else:
+        case = _case_from_arguments(args)
+        model = zoo.build_model(case.model, dtype=case.torch_dtype, device=case.device, seed=case.seed)
+        inputs = zoo.example_inputs(case.model, batch=case.batch, frames=case.frames, height=case.height,
+                                    width=case.width, dtype=case.torch_dtype, device=case.device, seed=case.seed)
+        compiled, what, bind_to = compile_module(zoo.compile_target(case.model, model), kwargs=inputs,
+                                                 config=config), case.model, "model"
     path = save(compiled, args.out)
-    print(f"wrote {path} ({path.stat().st_size / 2**20:.2f} MiB): {case.model} with passes "
-          f"{','.join(config.passes) or 'none'}, compiled in {compiled.compile_seconds:.1f}s; load it with "
-          f"fmecompile.load({str(path)!r}, model)")
+    seconds = sum(p.compile_seconds for p in compiled.programs())
+    print(f"wrote {path} ({path.stat().st_size / 2**20:.2f} MiB): {what} with passes "
+          f"{','.join(config.passes) or 'none'}, {len(compiled.programs())} input signature(s), compiled "
+          f"in {seconds:.1f}s; load it with fmecompile.load({str(path)!r}, {bind_to})")
     return 0
+
+
+def _compile_pipeline_unet(args: argparse.Namespace, config: Config) -> tuple[CompiledModule, str, str]:
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = args.dtype or ("fp16" if torch.device(device).type == "cuda" else "fp32")
+    frames, height, width = (d if v is None else v for v, d in zip(
+        (args.frames, args.height, args.width), default_settings(args.pipeline, args.tiny)))
+    pipe = build_pipeline(args.pipeline, tiny=args.tiny, dtype=DTYPES[dtype], device=device, seed=args.seed)
+    compiled = compile_for_pipeline(args.pipeline, pipe, config, frames=frames, height=height, width=width)
+    return compiled, f"the {args.pipeline} pipeline's UNet ({frames} frames, {height}x{width}, {dtype})", "pipe.unet"
 
 
 def run_ablate(args: argparse.Namespace) -> int:

@@ -10,6 +10,8 @@ compiled for other inputs.
 from __future__ import annotations
 
 import inspect
+import re
+import typing
 import warnings
 from typing import Any, Callable, Hashable
 
@@ -63,11 +65,18 @@ class CompiledModule(torch.nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         bound = self.bind(args, kwargs)
+        return self._program_of(bound)(bound)
+
+    def program_for(self, *args: Any, **kwargs: Any) -> Program:
+        """The program that serves this call, compiled if it is new; nothing runs."""
+        return self._program_of(self.bind(args, kwargs))
+
+    def _program_of(self, bound: dict[str, Any]) -> Program:
         program = self._programs.get(self._key(bound))
         if program is None:
             program = self._specialize(bound)
         self._current = program
-        return program(bound)
+        return program
 
     def bind(self, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
         """The call's arguments by name, defaults filled in, as the module would see them."""
@@ -86,7 +95,7 @@ class CompiledModule(torch.nn.Module):
             elif kind is inspect.Parameter.VAR_KEYWORD:
                 named.update(value)
             else:
-                named[name] = value
+                named[name] = _scalar_as_tensor(self._signature.parameters[name], value)
         return named
 
     def _key(self, named: dict[str, Any]) -> Hashable:
@@ -147,6 +156,10 @@ class CompiledModule(torch.nn.Module):
     def compile_seconds(self) -> float:
         return self.current_program().compile_seconds
 
+    def programs(self) -> list[Program]:
+        """The programs of every input signature compiled (or loaded) so far."""
+        return list(self._programs.values())
+
     def current_program(self) -> Program:
         """The program of the most recent call (or compile)."""
         if self._current is None:
@@ -161,6 +174,22 @@ class CompiledModule(torch.nn.Module):
             if module is None:
                 raise
             return getattr(module, name)
+
+
+def _scalar_as_tensor(parameter: inspect.Parameter, value: Any) -> Any:
+    """A Python number given for a parameter that also takes a tensor (diffusers'
+    `timestep: Union[torch.Tensor, float, int]`) becomes a 0-d tensor, so that one program
+    serves every value instead of one compile per value (the number is a constant of a
+    captured graph, a tensor is an input). float64 and int64 keep the number exactly."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not _accepts_tensor(parameter.annotation):
+        return value
+    return torch.tensor(value, dtype=torch.float64 if isinstance(value, float) else torch.int64)
+
+
+def _accepts_tensor(annotation: Any) -> bool:
+    if isinstance(annotation, str):  # postponed annotations: the text names the type
+        return re.search(r"\bTensor\b", annotation) is not None
+    return annotation is torch.Tensor or any(_accepts_tensor(a) for a in typing.get_args(annotation))
 
 
 def compile(

@@ -86,6 +86,9 @@ def test_loaded_module_keeps_plan_and_refuses_other_inputs(saved):
             loaded(**{**inputs, "sample": inputs["sample"].double()})
 
 
+GRAPH = "programs/0/main.pt2"  # the main graph of the first program
+
+
 def rewrite(path, target, manifest=None, member=None, fix_checksum=False):
     """A copy of the artifact at `path`, written to `target`, with its manifest passed
     through `manifest(dict)` and its graph member through `member(bytes)`. Zip checksums stay
@@ -94,10 +97,10 @@ def rewrite(path, target, manifest=None, member=None, fix_checksum=False):
     with zipfile.ZipFile(path) as archive:
         members = {name: archive.read(name) for name in archive.namelist()}
     if member is not None:
-        members["graphs/main.pt2"] = member(members["graphs/main.pt2"])
+        members[GRAPH] = member(members[GRAPH])
     content = json.loads(members["manifest.json"])
     if fix_checksum:
-        content["sha256"]["graphs/main.pt2"] = hashlib.sha256(members["graphs/main.pt2"]).hexdigest()
+        content["sha256"][GRAPH] = hashlib.sha256(members[GRAPH]).hexdigest()
     if manifest is not None:
         content = manifest(content)
     members["manifest.json"] = json.dumps(content).encode()

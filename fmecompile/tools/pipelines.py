@@ -16,7 +16,11 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.fx
+import torch.utils._pytree as pytree
 
+from ..compiled import CompiledModule
+from ..config import Config
 from ..errors import ConfigError, InputError
 from . import zoo
 
@@ -79,6 +83,45 @@ def call_arguments(name: str, pipe, *, frames: int, height: int, width: int, ste
         return dict(prompt_embeds=positive, negative_prompt_embeds=negative,
                     guidance_scale=7.5 if guidance else 1.0, **common)
     raise ConfigError(f"unknown pipeline {name!r}; choose from {list(PIPELINES)}")
+
+
+def compile_for_pipeline(name: str, pipe, config: Config, *, frames: int, height: int, width: int,
+                         steps: int = 2) -> CompiledModule:
+    """`pipe`'s UNet compiled for exactly the signatures `pipe` calls it with (return_dict,
+    timestep dtype, guidance batch), found by running the pipeline once with a UNet that
+    compiles each new signature and returns zeros of its output's shape instead of running
+    it: no UNet is run, so this works at real sizes on a CPU."""
+    compiled = CompiledModule(pipe.unet, config)
+    unet, pipe.unet = pipe.unet, _CompileOnly(compiled)
+    try:
+        with torch.no_grad():
+            pipe(**{**call_arguments(name, pipe, frames=frames, height=height, width=width, steps=steps),
+                    "output_type": "latent"})
+    finally:
+        pipe.unet = unet
+    return compiled
+
+
+class _CompileOnly(torch.nn.Module):
+    """Stands in for a pipeline's UNet: compiles each call's signature, returns zeros shaped
+    as the compiled program's outputs. Everything else is read from the compiled module."""
+
+    def __init__(self, compiled: CompiledModule) -> None:
+        super().__init__()
+        self.compiled = compiled
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        program = self.compiled.program_for(*args, **kwargs)
+        outputs = [torch.zeros(v.shape, dtype=v.dtype, device=v.device) if isinstance(v, torch.Tensor) else v
+                   for v in (node.meta.get("val") if isinstance(node, torch.fx.Node) else node
+                             for node in program.graph_module.graph.output_node().args[0])]
+        return pytree.tree_unflatten(outputs[:program.out_spec.num_leaves], program.out_spec)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._modules["compiled"], name)
 
 
 def initial_latents(name: str, pipe, frames: int, height: int, width: int, seed: int = 0) -> torch.Tensor:
