@@ -39,6 +39,7 @@ from torch.export.graph_signature import (ConstantArgument, ExportGraphSignature
 from .capture import GraphInput, describe_inputs, first_line, placeholders
 from .compiled import CompiledModule, Program
 from .config import Config
+from .diagnose import differing_fields
 from .errors import ArtifactError, ConfigError, InputError
 
 FORMAT = "fmecompile-artifact"
@@ -209,7 +210,10 @@ class LoadedModule(CompiledModule):
     def _specialize(self, named: dict[str, Any]) -> Program:
         compiled_for = describe_inputs(self._compiled_inputs)
         given = describe_inputs(named)
-        if compiled_for != given:
+        differences = differing_fields(self._compiled_inputs, named)
+        if differences:
+            problem = "these arguments differ from the ones it was compiled for: " + "; ".join(differences)
+        elif compiled_for != given:
             problem = f"it was compiled for inputs {compiled_for}, and got {given}"
         else:
             problem = (f"it was compiled for weights of dtype/device {sorted(map(str, self._compiled_weights))}, "

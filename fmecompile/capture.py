@@ -65,18 +65,20 @@ _EXPORT_KINDS = {
 }
 
 
-def capture_export(module: torch.nn.Module, kwargs: dict[str, Any],
-                   strip_prefix: str = "") -> torch.export.ExportedProgram:
+def capture_export(module: torch.nn.Module, kwargs: dict[str, Any], strip_prefix: str = "",
+                   name: str | None = None) -> torch.export.ExportedProgram:
     """Exports `module(**kwargs)` and canonicalizes the program's graph in place.
 
     `strip_prefix` is taken off parameter names and module paths: the compiled entry point
-    wraps the user's module, and paths stay relative to the user's module.
+    wraps the user's module, and paths stay relative to the user's module. `name` is what
+    messages call the model (the user's class and method, not the wrapper's).
     """
+    name = name or type(module).__name__
     try:
         program = torch.export.export(module, (), kwargs)
     except Exception as err:  # the model's own code rejected the inputs, or export failed
         raise CaptureError(
-            f"torch.export could not capture {type(module).__name__} for inputs "
+            f"torch.export could not capture {name} for inputs "
             f"{describe_inputs(kwargs)}: {first_line(err)}. Check that the inputs fit the "
             "model (fmecompile.zoo.example_inputs shows the expected shapes) and that the "
             "model runs eagerly with them."
@@ -84,7 +86,7 @@ def capture_export(module: torch.nn.Module, kwargs: dict[str, Any],
     signature = program.graph_signature
     if any(spec.kind != OutputKind.USER_OUTPUT for spec in signature.output_specs):
         raise CaptureError(
-            f"{type(module).__name__} mutates its buffers or inputs during the call; "
+            f"{name} mutates its buffers or inputs during the call; "
             "fmecompile compiles inference graphs without side effects. Put the model in "
             "eval() mode and avoid in-place updates of its state."
         )
