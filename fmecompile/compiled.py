@@ -232,6 +232,16 @@ class CompiledModule(torch.nn.Module):
         self._current = program
         return program
 
+    def enable_forward_chunking(self, *args: Any, **kwargs: Any) -> None:
+        """diffusers' feed-forward chunking changes the model's code, and the compiled
+        programs run their captured graphs, not that code: changing it now would take effect
+        only for input signatures compiled later. Warns and changes nothing."""
+        warnings.warn(
+            f"fmecompile: enable_forward_chunking() is ignored on a compiled "
+            f"{type(self.module).__name__}: it runs the graphs fmecompile captured, not the "
+            f"model's code (with the slice pass on, fmecompile chunks those layers itself). To use "
+            f"diffusers' chunking instead, call fmecompile.restore(pipe) first.", stacklevel=2)
+
     # -- introspection ----------------------------------------------------------------
 
     @property

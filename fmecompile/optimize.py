@@ -58,6 +58,7 @@ class _Replaced:
     unet: torch.nn.Module | None = None
     vae: torch.nn.Module | None = None
     decode_latents: bool = False
+    save_pretrained: bool = False
 
 
 def optimize(pipe: Any, config: Config | None = None) -> OptimizeSummary:
@@ -85,7 +86,7 @@ def optimize(pipe: Any, config: Config | None = None) -> OptimizeSummary:
                        f"kwargs=example_inputs) or fmecompile.CompiledModule(module).")
 
     if compiled_unet is not None:
-        setattr(pipe, "unet", compiled_unet)
+        _set_unet(pipe, compiled_unet)
         replaced.unet = unet
         summary.modules["unet"] = compiled_unet
     if compiled_decode is not None:
@@ -94,6 +95,7 @@ def optimize(pipe: Any, config: Config | None = None) -> OptimizeSummary:
         summary.modules["vae.decode"] = compiled_decode
         replaced.decode_latents = _decode_whole_videos(pipe, summary)
     _note_other_components(pipe, summary)
+    replaced.save_pretrained = _save_original_components(pipe, replaced)
     object.__setattr__(pipe, STATE_ATTRIBUTE, replaced)
     log.info("fmecompile.optimize(%s):\n%s", type(pipe).__name__, summary)
     return summary
@@ -112,6 +114,8 @@ def restore(pipe: Any) -> None:
         del replaced.vae.__dict__["decode"]
     if replaced.decode_latents:
         del pipe.__dict__["decode_latents"]
+    if replaced.save_pretrained:
+        del pipe.__dict__["save_pretrained"]
     object.__delattr__(pipe, STATE_ATTRIBUTE)
 
 
@@ -221,4 +225,43 @@ def _note_other_components(pipe: Any, summary: OptimizeSummary) -> None:
         summary.left[name] = ("runs once per generation, outside the denoising loop; "
                               "fmecompile targets the UNet and the VAE decoder")
     if "vae.decode" in summary.modules and hasattr(pipe.vae, "encode"):
-        summary.left["vae.encode"] = "runs once per generation (SVD's conditioning image); left eager"
+        summary.left["vae.encode"] = next(
+            (why for cls in type(pipe).__mro__ for name, why in _ENCODE_USE.items() if cls.__name__ == name),
+            "left eager: fmecompile compiles the decoder, which every generation runs")
+
+
+# What each known pipeline uses its VAE's encoder for, by class name.
+_ENCODE_USE = {
+    "StableVideoDiffusionPipeline": "runs once per generation, on the conditioning image; left eager",
+    "AnimateDiffPipeline": "not called when generating from text; left eager",
+}
+
+
+def _save_original_components(pipe: Any, replaced: _Replaced) -> bool:
+    """Makes the pipeline's save_pretrained save the original UNet (diffusers skips a
+    component whose class it cannot save, and the folder would lack unet/). The compiled
+    UNet is back in place afterwards. Returns whether it installed that."""
+    original = getattr(pipe, "save_pretrained", None)
+    if original is None or replaced.unet is None:
+        return False
+
+    @functools.wraps(original)
+    def save_pretrained(*args: Any, **kwargs: Any) -> Any:
+        compiled = pipe.unet
+        _set_unet(pipe, replaced.unet)
+        try:
+            return original(*args, **kwargs)
+        finally:
+            _set_unet(pipe, compiled)
+
+    pipe.__dict__["save_pretrained"] = save_pretrained
+    return True
+
+
+def _set_unet(pipe: Any, unet: torch.nn.Module) -> None:
+    if isinstance(pipe, torch.nn.Module):
+        setattr(pipe, "unet", unet)  # a submodule: nn.Module keeps it in _modules
+    else:
+        # Not setattr: a diffusers pipeline would record the CompiledModule's class as the
+        # unet's in its config (model_index.json), which no loader can read back.
+        object.__setattr__(pipe, "unet", unet)
