@@ -16,15 +16,16 @@ from .ablation import DEFAULT_CHUNKS, run_ablation
 from .bench import BASELINES, DTYPES, Case, Variant, compare, format_table, write_json
 from .config import EXACT_PASSES, Config, parse_bytes
 from .errors import ConfigError, FmeError
+from .progress import set_verbosity
 from fmecompile.passes import available_passes
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
-                        format="[fme %(relativeCreated)6.0fms] %(message)s", stream=sys.stderr)
-    logging.getLogger("fmecompile").setLevel(logging.WARNING if args.quiet else logging.INFO)
+    # Other libraries' warnings only; fmecompile's per-phase progress unless --quiet.
+    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s", stream=sys.stderr)
+    set_verbosity("warning" if args.quiet else "info")
     try:
         return args.run(args)
     except FmeError as err:
@@ -47,7 +48,8 @@ def _parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="fme", description=__doc__, formatter_class=_HelpFormatter)
     parser.add_argument("--version", action="version", version=f"fmecompile {__version__} (torch {torch.__version__})")
-    parser.add_argument("-q", "--quiet", action="store_true", help="no progress messages")
+    parser.add_argument("-q", "--quiet", action="store_true",
+                        help="no progress messages (by default each phase prints a line on stderr)")
     sub = parser.add_subparsers(required=True, metavar="command")
     sub.add_parser = functools.partial(sub.add_parser, formatter_class=_HelpFormatter)
 

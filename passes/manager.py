@@ -120,6 +120,7 @@ def run_passes(gm: fx.GraphModule, config: Config) -> tuple[fx.GraphModule, dict
     gm = copy_graph_module(gm)
     report: dict[str, Any] = {}
     for name, run in passes:
+        log.info("pass %s: running on %d nodes", name, len(gm.graph.nodes))  # the slicer can take minutes
         start = time.perf_counter()
         result = run(gm, config)
         check_graph(result.graph_module, expected_outputs, after=name)
