@@ -59,6 +59,7 @@ class _Replaced:
     vae: torch.nn.Module | None = None
     decode_latents: bool = False
     save_pretrained: bool = False
+    offload_guards: tuple[str, ...] = ()
 
 
 def optimize(pipe: Any, config: Config | None = None) -> OptimizeSummary:
@@ -74,6 +75,7 @@ def optimize(pipe: Any, config: Config | None = None) -> OptimizeSummary:
     summary = OptimizeSummary()
     replaced = _Replaced()
     unet, vae = getattr(pipe, "unet", None), getattr(pipe, "vae", None)
+    _refuse_offloaded(pipe, {"unet": unet, "vae": vae})
 
     # Every CompiledModule is made before anything is installed: a bad config fails here
     # and leaves the pipeline untouched.
@@ -96,6 +98,7 @@ def optimize(pipe: Any, config: Config | None = None) -> OptimizeSummary:
         replaced.decode_latents = _decode_whole_videos(pipe, summary)
     _note_other_components(pipe, summary)
     replaced.save_pretrained = _save_original_components(pipe, replaced)
+    replaced.offload_guards = _guard_offload(pipe)
     object.__setattr__(pipe, STATE_ATTRIBUTE, replaced)
     log.info("fmecompile.optimize(%s):\n%s", type(pipe).__name__, summary)
     return summary
@@ -116,6 +119,8 @@ def restore(pipe: Any) -> None:
         del pipe.__dict__["decode_latents"]
     if replaced.save_pretrained:
         del pipe.__dict__["save_pretrained"]
+    for name in replaced.offload_guards:
+        del pipe.__dict__[name]
     object.__delattr__(pipe, STATE_ATTRIBUTE)
 
 
@@ -265,3 +270,52 @@ def _set_unet(pipe: Any, unet: torch.nn.Module) -> None:
         # Not setattr: a diffusers pipeline would record the CompiledModule's class as the
         # unet's in its config (model_index.json), which no loader can read back.
         object.__setattr__(pipe, "unet", unet)
+
+
+# --- offloading ------------------------------------------------------------------------
+
+# Offload hooks run around a model's forward (accelerate's `_hf_hook`, diffusers' own
+# `_diffusers_hook` for group offloading) and move its weights on and off the device. The
+# compiled programs read the weights directly, without calling the model's forward or its
+# decode, so the hooks would not run: the weights would stay wherever the last hook left them.
+_OFFLOAD_METHODS = ("enable_model_cpu_offload", "enable_sequential_cpu_offload", "enable_group_offload")
+_OFFLOAD_ADVICE = ("fmecompile compiles models that stay on their device: keep every component on "
+                   "it (pipe.to('cuda')) and let the slice pass cut the activation memory instead")
+
+
+def _is_offloaded(module: torch.nn.Module) -> bool:
+    if hasattr(module, "_hf_hook"):
+        return True
+    registry = getattr(module, "_diffusers_hook", None)  # other diffusers hooks are not offloading
+    return registry is not None and any("offload" in name for name in getattr(registry, "_hook_order", ()))
+
+
+def _refuse_offloaded(pipe: Any, parts: dict[str, Any]) -> None:
+    hooked = [name for name, part in parts.items()
+              if isinstance(part, torch.nn.Module) and any(_is_offloaded(m) for m in part.modules())]
+    if hooked:
+        raise FmeError(
+            f"{type(pipe).__name__} has offload hooks on its {' and '.join(hooked)} (from "
+            f"enable_model_cpu_offload, enable_sequential_cpu_offload or group offloading), which "
+            f"fmecompile.optimize cannot compose with: the compiled graphs read the weights "
+            f"without running the hooks. {_OFFLOAD_ADVICE}. To go on, call pipe.remove_all_hooks() "
+            f"and pipe.to(device), then optimize.")
+
+
+def _guard_offload(pipe: Any) -> tuple[str, ...]:
+    """Makes the pipeline's offload switches refuse while it is optimized, rather than
+    installing hooks the compiled parts would bypass. Returns the names installed."""
+    installed = []
+    for name in _OFFLOAD_METHODS:
+        if not callable(getattr(pipe, name, None)):
+            continue
+
+        def refuse(*args: Any, _name: str = name, **kwargs: Any) -> None:
+            raise FmeError(f"{_name}() cannot be composed with fmecompile.optimize: the compiled "
+                           f"UNet and VAE decoder read their weights without running offload hooks. "
+                           f"{_OFFLOAD_ADVICE}, or call fmecompile.restore(pipe) first to offload "
+                           f"the stock pipeline.")
+
+        pipe.__dict__[name] = refuse
+        installed.append(name)
+    return tuple(installed)
