@@ -18,11 +18,11 @@ from typing import Any, Callable, Hashable, Sequence
 
 import torch
 import torch.fx as fx
+from torch._dynamo.exc import ShortenTraceback
 
 from .capture import capture_dynamo, dynamo_input_roles
 from .config import Config
 from .errors import ConfigError
-from torch._dynamo.exc import ShortenTraceback
 from fmecompile.passes import run_passes
 from fmecompile.passes.manager import check_passes_available
 

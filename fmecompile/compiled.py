@@ -23,8 +23,8 @@ import torch.utils._pytree as pytree
 
 from .capture import GraphInput, capture_export, describe_inputs
 from .config import Config
-from .diagnose import check_weights, explain, quiet_torch_logs
-from .errors import CaptureError, ConfigError, FmeError, InputError
+from .diagnose import export_or_explain
+from .errors import ConfigError, FmeError, InputError
 from .rehash import TIMESTEP_ARGUMENT, StepRunner
 from fmecompile.passes import compile_graphs
 from fmecompile.passes.manager import check_passes_available
@@ -65,16 +65,8 @@ def capture(module: torch.nn.Module, method: str, kwargs: dict[str, Any]) -> Cap
     start = time.perf_counter()
     log.info("capturing %s.%s with torch.export for %s", type(module).__name__, method,
              describe_inputs(kwargs))
-    check_weights(module)
-    try:
-        with quiet_torch_logs():
-            program = capture_export(_Entry(module, method), kwargs, strip_prefix=ENTRY_PREFIX,
-                                     name=f"{type(module).__name__}.{method}")
-    except CaptureError as err:
-        error = explain(module, method, kwargs, err)
-        if error is err:
-            raise
-        raise error from None  # the user's inputs are at fault: no torch traceback
+    program = export_or_explain(module, method, kwargs, lambda: capture_export(
+        _Entry(module, method), kwargs, strip_prefix=ENTRY_PREFIX, name=f"{type(module).__name__}.{method}"))
     gm = program.graph_module
     inputs = [n.meta["fme_input"] for n in gm.graph.nodes if n.op == "placeholder"]
     seconds = time.perf_counter() - start

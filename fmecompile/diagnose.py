@@ -11,12 +11,14 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections import Counter
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, TypeVar
 
 import torch
 
 from .capture import describe_inputs, first_line
 from .errors import CaptureError, InputError
+
+T = TypeVar("T")
 
 # torch logs every failed fake-tensor op at ERROR with its traceback before raising; the
 # exception we raise says the same in one line.
@@ -35,6 +37,21 @@ def quiet_torch_logs() -> Iterator[None]:
     finally:
         for lg, level in zip(loggers, levels):
             lg.setLevel(level)
+
+
+def export_or_explain(module: torch.nn.Module, method: str, kwargs: dict[str, Any],
+                      export: Callable[[], T]) -> T:
+    """`export()` (a capture of `module.method(**kwargs)`), quiet; if it fails because of the
+    inputs, one InputError that says which and what to do, without torch's traceback."""
+    check_weights(module)
+    try:
+        with quiet_torch_logs():
+            return export()
+    except CaptureError as err:
+        error = explain(module, method, kwargs, err)
+        if error is err:
+            raise
+        raise error from None  # the user's inputs are at fault: no torch traceback
 
 
 def check_weights(module: torch.nn.Module) -> None:
