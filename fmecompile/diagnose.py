@@ -84,7 +84,6 @@ def explain(module: torch.nn.Module, method: str, kwargs: dict[str, Any], err: C
     return error
 
 
-
 def _eager_error(module: torch.nn.Module, method: str, kwargs: dict[str, Any]) -> Exception | None:
     """What the model's eager forward raises on fake copies of the inputs, or None."""
     from torch._subclasses.fake_tensor import FakeTensorMode

@@ -97,3 +97,11 @@ def test_backend_option_typo_is_an_unwrapped_config_error_at_the_first_call():
         compiled(torch.randn(2, 4))
     assert not isinstance(info.value, torch._dynamo.exc.BackendCompilerFailed)
     torch._dynamo.reset()
+
+
+def test_a_model_we_do_not_know_gets_its_own_eager_error_in_one_line(capfd):
+    error, stderr = compile_error(torch.nn.Linear(8, 4), {"input": torch.randn(3, 5)}, capfd)
+    assert isinstance(error, fme.InputError)
+    assert "Linear.forward fails on them when run eagerly too: RuntimeError:" in str(error)
+    assert "Tensor(3, 5)" in str(error)
+    assert_user_facing(error, stderr)
