@@ -163,6 +163,7 @@ def _baseline(name: str, module: torch.nn.Module, target: Callable[..., Any], in
     if name == "decode-chunking":
         return (lambda: decode_in_chunks(target, inputs, chunk_size or 1)), None, {}
     compiled = torch.compile(target)
+    log.info("compiling stock with torch.compile (inductor): the first call compiles")
     start = time.perf_counter()
     with torch.inference_mode():
         compiled(**inputs)  # compiles; the measured calls reuse it

@@ -18,6 +18,9 @@ def test_save_pretrained_while_optimized_saves_the_original_unet(tmp_path):
     pipe.save_pretrained(tmp_path)
     assert (tmp_path / "unet").is_dir() and (tmp_path / "vae").is_dir()
     assert isinstance(pipe.unet, fme.CompiledModule)  # still optimized after saving
+    pipe.unet.save_pretrained(tmp_path / "unet-alone")  # the compiled UNet saves the original's
+    alone = type(unet).from_pretrained(tmp_path / "unet-alone").state_dict()
+    assert all(torch.equal(alone[k], v) for k, v in unet.state_dict().items())
     loaded = diffusers.StableVideoDiffusionPipeline.from_pretrained(tmp_path)
     assert type(loaded.unet) is type(unet)
     saved, original = loaded.unet.state_dict(), unet.state_dict()
