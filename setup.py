@@ -18,10 +18,12 @@ setup(
         "fmecompile.passes": "passes",
         "fmecompile.kernels": "kernels",
     },
-    package_data={"fmecompile": ["configs/*.json", "configs/README.md"]},
+    # py.typed: the package ships its type hints (PEP 561).
+    package_data={"fmecompile": ["configs/*.json", "configs/README.md", "py.typed"]},
     install_requires=["torch>=2.11", "diffusers>=0.30", "triton", "nvidia-ml-py"],
     # transformers: the pipelines' CLIP encoders (fmecompile.pipelines, fme bench --pipeline).
-    extras_require={"pipelines": ["transformers>=4.40"],
+    # plots: `fme ablate` draws its plot with matplotlib when present (else a stdlib PNG writer).
+    extras_require={"pipelines": ["transformers>=4.40"], "plots": ["matplotlib>=3.5"],
                     "test": ["pytest", "hypothesis", "transformers>=4.40"]},
     entry_points={
         "console_scripts": ["fme = fmecompile.cli:main"],

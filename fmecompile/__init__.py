@@ -14,11 +14,12 @@ from .compiled import CompiledModule, compile
 from .config import Config
 from .errors import ArtifactError, CaptureError, ConfigError, FmeError, InputError
 from .optimize import optimize, restore
+from .progress import set_verbosity
 from .rehash import Calibration, calibrate
 from .version import __version__
 
 __all__ = ["CompiledModule", "compile", "Config", "FmeError", "ConfigError", "CaptureError",
            "InputError", "__version__", "save", "load", "ArtifactError", "optimize", "restore",
-           "calibrate", "Calibration"]
+           "calibrate", "Calibration", "set_verbosity"]
 
 logging.getLogger("fmecompile").addHandler(logging.NullHandler())

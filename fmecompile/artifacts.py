@@ -42,9 +42,10 @@ from torch.export.exported_program import ModuleCallEntry, ModuleCallSignature
 from torch.export.graph_signature import (ConstantArgument, ExportGraphSignature, InputKind, InputSpec,
                                           OutputKind, OutputSpec, TensorArgument)
 
-from .capture import describe_inputs, first_line
+from .messages import describe_inputs, first_line
 from .compiled import CompiledModule
 from .config import Config
+from .diagnose import differing_fields
 from .errors import ArtifactError, ConfigError, InputError
 from .ir import (BUFFER, CONSTANT, INPUT_ROLE, PARAMETER, USER, VALUE, GraphInput, copy_graph_module,
                  placeholders)
@@ -266,10 +267,12 @@ class LoadedModule(CompiledModule):
         self.adopt_program(program, named)
 
     def _specialize(self, named: dict[str, Any]) -> Program:
-        compiled_for = [describe_inputs(inputs) for inputs in self._compiled_inputs]
-        given = describe_inputs(named)
-        if given not in compiled_for:
-            problem = f"it was compiled for inputs {' or '.join(compiled_for)}, and got {given}"
+        if describe_inputs(named) not in [describe_inputs(inputs) for inputs in self._compiled_inputs]:
+            nearest = min(self._compiled_inputs, key=lambda inputs: len(differing_fields(inputs, named)))
+            problem = ("these arguments differ from the ones it was compiled for: "
+                       + "; ".join(differing_fields(nearest, named)))
+            if len(self._compiled_inputs) > 1:
+                problem += f" (from the nearest of its {len(self._compiled_inputs)} input signatures)"
         else:
             problem = (f"it was compiled for weights of dtype/device {sorted(map(str, self._compiled_weights))}, "
                        f"and the module now has {sorted(map(str, self._weight_kinds()))}")

@@ -12,11 +12,13 @@ the graph to the canonical IR with those shapes, runs the passes and keeps the r
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from typing import Any, Callable, Hashable, Sequence
 
 import torch
 import torch.fx as fx
+from torch._dynamo.exc import ShortenTraceback
 
 from fmecompile.passes.manager import check_passes_available, run_passes
 
@@ -27,8 +29,29 @@ from .errors import ConfigError
 log = logging.getLogger("fmecompile")
 
 
+class BackendConfigError(ConfigError, ShortenTraceback):
+    """A ConfigError raised inside the backend. Dynamo wraps any other exception of a
+    backend in BackendCompilerFailed (a wall of dynamo frames around our message); it
+    re-raises ShortenTraceback subclasses as they are, so the user gets this ConfigError
+    (`except fmecompile.ConfigError` catches it)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        # Dynamo cuts the traceback to start at this frame (the backend raising it).
+        self.first_useful_frame = sys._getframe(1)
+
+
 def fme_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: dict | None = None,
                 **unsupported: Any) -> Callable[..., Any]:
+    # torch.compile(..., options=...) keeps the options to itself until dynamo first calls
+    # the backend, so a typo cannot be reported earlier than the first call.
+    try:
+        return _fme_backend(gm, options, unsupported)
+    except ConfigError as err:
+        raise BackendConfigError(str(err)) from None
+
+
+def _fme_backend(gm: fx.GraphModule, options: dict | None, unsupported: dict) -> Callable[..., Any]:
     if unsupported:
         raise ConfigError(
             f"the fme backend takes options={{...}} only, not {sorted(unsupported)}; valid "

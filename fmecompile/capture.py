@@ -19,7 +19,9 @@ import torch.utils._pytree as pytree
 from torch.export.graph_signature import InputKind, OutputKind
 from torch.fx.experimental.proxy_tensor import make_fx
 
+from .diagnose import export_or_explain
 from .errors import CaptureError
+from .messages import describe_inputs, first_line
 from .ir import (BUFFER, CONSTANT, INPUT_ROLE, MODULE_STACK, PARAMETER, USER, VALUE, GraphInput,
                  graph_inputs, has_effect, placeholders)
 
@@ -40,18 +42,20 @@ _EXPORT_KINDS = {
 }
 
 
-def capture_export(module: torch.nn.Module, kwargs: dict[str, Any],
-                   strip_prefix: str = "") -> torch.export.ExportedProgram:
+def capture_export(module: torch.nn.Module, kwargs: dict[str, Any], strip_prefix: str = "",
+                   name: str | None = None) -> torch.export.ExportedProgram:
     """Exports `module(**kwargs)` and canonicalizes the program's graph in place.
 
     `strip_prefix` is taken off parameter names and module paths: the compiled entry point
-    wraps the user's module, and paths stay relative to the user's module.
+    wraps the user's module, and paths stay relative to the user's module. `name` is what
+    messages call the model (the user's class and method, not the wrapper's).
     """
+    name = name or type(module).__name__
     try:
         program = torch.export.export(module, (), kwargs)
     except Exception as err:  # the model's own code rejected the inputs, or export failed
         raise CaptureError(
-            f"torch.export could not capture {type(module).__name__} for inputs "
+            f"torch.export could not capture {name} for inputs "
             f"{describe_inputs(kwargs)}: {first_line(err)}. Check that the inputs fit the "
             "model (fmecompile.tools.zoo.example_inputs shows the expected shapes) and that the "
             "model runs eagerly with them."
@@ -59,7 +63,7 @@ def capture_export(module: torch.nn.Module, kwargs: dict[str, Any],
     signature = program.graph_signature
     if any(spec.kind != OutputKind.USER_OUTPUT for spec in signature.output_specs):
         raise CaptureError(
-            f"{type(module).__name__} mutates its buffers or inputs during the call; "
+            f"{name} mutates its buffers or inputs during the call; "
             "fmecompile compiles inference graphs without side effects. Put the model in "
             "eval() mode and avoid in-place updates of its state."
         )
@@ -111,7 +115,8 @@ def capture_module(module: torch.nn.Module, method: str, kwargs: dict[str, Any])
     start = time.perf_counter()
     log.info("capturing %s.%s with torch.export for %s", type(module).__name__, method,
              describe_inputs(kwargs))
-    program = capture_export(_Entry(module, method), kwargs, strip_prefix=ENTRY_PREFIX)
+    program = export_or_explain(module, method, kwargs, lambda: capture_export(
+        _Entry(module, method), kwargs, strip_prefix=ENTRY_PREFIX, name=f"{type(module).__name__}.{method}"))
     gm = program.graph_module
     inputs = graph_inputs(gm)
     seconds = time.perf_counter() - start
@@ -222,25 +227,3 @@ def _remove_no_ops(graph: fx.Graph) -> None:
         elif node.target is aten.dropout.default and (node.args[2] is False or node.args[1] == 0):
             node.replace_all_uses_with(node.args[0])
             graph.erase_node(node)
-
-
-# --- messages --------------------------------------------------------------------------
-
-def describe_inputs(values: Any) -> str:
-    """Short text of the shapes and values of some inputs, for error messages."""
-    def one(v: Any) -> str:
-        if isinstance(v, torch.Tensor):
-            return f"Tensor{tuple(v.shape)}:{str(v.dtype).removeprefix('torch.')}"
-        if isinstance(v, dict):
-            return "{" + ", ".join(f"{k}={one(x)}" for k, x in v.items()) + "}"
-        if isinstance(v, (list, tuple)):
-            return "(" + ", ".join(one(x) for x in v) + ")"
-        return repr(v)
-
-    return one(values)
-
-
-def first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {text[0] if text else ''}"
-

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import logging
 import sys
@@ -21,14 +22,15 @@ from .tools.bench import BASELINES, DTYPES, Case, Variant, compare, format_table
 from .tools.pipeline_bench import PipelineCase, compare_pipelines, default_settings
 from .tools.pipeline_bench import format_table as format_pipeline_table
 from .tools.pipelines import PIPELINES, build_pipeline, compile_for_pipeline
+from .progress import set_verbosity
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
-                        format="[fme %(relativeCreated)6.0fms] %(message)s", stream=sys.stderr)
-    logging.getLogger("fmecompile").setLevel(logging.WARNING if args.quiet else logging.INFO)
+    # Other libraries' warnings only; fmecompile's per-phase progress unless --quiet.
+    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s", stream=sys.stderr)
+    set_verbosity("warning" if args.quiet else "info")
     try:
         return args.run(args)
     except FmeError as err:
@@ -36,10 +38,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows every default; options without a fixed one (None, False, "") say in their own help
+    what happens when they are left out, so "(default: None)" is not appended to them."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or action.default is False or action.default == "":
+            return action.help
+        return super()._get_help_string(action)
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fme", description=__doc__)
-    parser.add_argument("-q", "--quiet", action="store_true", help="no progress messages")
+    from . import __version__
+
+    parser = argparse.ArgumentParser(prog="fme", description=__doc__, formatter_class=_HelpFormatter)
+    parser.add_argument("--version", action="version", version=f"fmecompile {__version__} (torch {torch.__version__})")
+    parser.add_argument("-q", "--quiet", action="store_true",
+                        help="no progress messages (by default each phase prints a line on stderr)")
     sub = parser.add_subparsers(required=True, metavar="command")
+    sub.add_parser = functools.partial(sub.add_parser, formatter_class=_HelpFormatter)
 
     demo = sub.add_parser("demo", help="compile a small SVD UNet on CPU with every exact pass "
                                        "combination and compare with eager")
@@ -50,19 +67,17 @@ def _parser() -> argparse.ArgumentParser:
     _add_case_arguments(bench, model_required=False)
     bench.add_argument("--pipeline", choices=["svd", "animatediff"],
                        help="instead of --model: a whole pipeline, stock against fmecompile.optimize")
-    bench.add_argument("--steps", type=int, help="--pipeline: denoising steps (default 25, --tiny 2)")
+    bench.add_argument("--steps", type=int, help="--pipeline: denoising steps (if not given: 25, with --tiny 2)")
     bench.add_argument("--tiny", action="store_true",
                        help="--pipeline: narrow components, small default sizes (for CPU)")
     bench.add_argument("--passes", default=",".join(EXACT_PASSES),
                        help="comma-separated passes, or 'none' for the identity compile")
-    bench.add_argument("--spatial-chunks", type=int)
-    bench.add_argument("--temporal-chunks", type=int)
-    bench.add_argument("--memory-budget", help="activation budget, e.g. 1GiB")
+    _add_chunk_arguments(bench)
     bench.add_argument("--baselines", default="",
-                       help=f"also measure these, comma-separated: {', '.join(BASELINES)}")
+                       help=f"also measure these, comma-separated: {', '.join(BASELINES)} (if not given: none)")
     bench.add_argument("--repeats", type=int, default=3, help="timed runs (median reported)")
-    bench.add_argument("--warmup", type=int, default=1)
-    bench.add_argument("--json", help="where to write the JSON (default: bench-<case>.json)")
+    bench.add_argument("--warmup", type=int, default=1, help="untimed runs before the timed ones")
+    bench.add_argument("--json", help="where to write the JSON (if not given: bench-<case>.json)")
     bench.set_defaults(run=run_bench)
 
     ablate = sub.add_parser("ablate", help="every exact pass combination, a chunk-count sweep, diffusers' "
@@ -70,13 +85,12 @@ def _parser() -> argparse.ArgumentParser:
                                            "a table (md), raw JSON and a memory/latency plot (png)")
     _add_case_arguments(ablate)
     ablate.add_argument("--chunks", default=",".join(map(str, DEFAULT_CHUNKS)),
-                        help="chunk counts of the slicer sweep, also the frame splits of decode_chunk_size "
-                             "(default %(default)s)")
+                        help="chunk counts of the slicer sweep, also the frame splits of decode_chunk_size")
     ablate.add_argument("--baselines", default=None,
                         help="comma-separated subset of forward-chunking (UNets) or decode-chunking (VAE), "
-                             "and inductor (default: all that apply)")
+                             "and inductor (if not given: all that apply)")
     ablate.add_argument("--repeats", type=int, default=3, help="timed runs (median reported)")
-    ablate.add_argument("--warmup", type=int, default=1)
+    ablate.add_argument("--warmup", type=int, default=1, help="untimed runs before the timed ones")
     ablate.add_argument("--out", default=".", help="folder for ablation-<case>.md/.json/.png")
     ablate.set_defaults(run=run_ablate)
 
@@ -89,9 +103,7 @@ def _parser() -> argparse.ArgumentParser:
     compile_.add_argument("--tiny", action="store_true", help="with --pipeline: the tiny variant")
     compile_.add_argument("--passes", default=",".join(EXACT_PASSES),
                           help="comma-separated passes, or 'none' for the identity compile")
-    compile_.add_argument("--spatial-chunks", type=int)
-    compile_.add_argument("--temporal-chunks", type=int)
-    compile_.add_argument("--memory-budget", help="activation budget, e.g. 1GiB")
+    _add_chunk_arguments(compile_)
     compile_.add_argument("--out", required=True, help="the artifact to write, e.g. svd-unet.fme")
     compile_.set_defaults(run=run_compile)
     return parser
@@ -100,14 +112,20 @@ def _parser() -> argparse.ArgumentParser:
 def _add_case_arguments(parser: argparse.ArgumentParser, model_required: bool = True) -> None:
     parser.add_argument("--model", required=model_required,
                         help=f"one of {list(zoo.MODELS)} (append -tiny for the small variant)")
-    parser.add_argument("--frames", type=int, help="frames (default: the model's own)")
-    parser.add_argument("--height", type=int, help="height in pixels (default: the model's own)")
-    parser.add_argument("--width", type=int, help="width in pixels (default: the model's own)")
-    parser.add_argument("--batch", type=int, default=2, help="batch incl. guidance (default 2)")
+    parser.add_argument("--frames", type=int, help="frames (if not given: the model's own)")
+    parser.add_argument("--height", type=int, help="height in pixels (if not given: the model's own)")
+    parser.add_argument("--width", type=int, help="width in pixels (if not given: the model's own)")
+    parser.add_argument("--batch", type=int, default=2, help="batch incl. guidance")
     parser.add_argument("--dtype", choices=list(DTYPES), default=None,
-                        help="default fp16 on cuda, fp32 on cpu")
-    parser.add_argument("--device", default=None, help="default cuda if available, else cpu")
-    parser.add_argument("--seed", type=int, default=0)
+                        help="if not given: fp16 on cuda, fp32 on cpu")
+    parser.add_argument("--device", default=None, help="if not given: cuda if available, else cpu")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random weights and inputs")
+
+
+def _add_chunk_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--spatial-chunks", type=int, help="chunks of the frame axis (if not given: planned)")
+    parser.add_argument("--temporal-chunks", type=int, help="chunks of the pixel axis (if not given: planned)")
+    parser.add_argument("--memory-budget", help="activation budget, e.g. 1GiB (if not given: none)")
 
 
 def _case_from_arguments(args: argparse.Namespace) -> Case:
@@ -120,6 +138,13 @@ def _case_from_arguments(args: argparse.Namespace) -> Case:
 
 def _config_from_arguments(args: argparse.Namespace) -> Config:
     passes = () if args.passes.strip().lower() in ("none", "") else args.passes
+    if "rehash" in _comma_list(args.passes):
+        # Config's own message names Python fields (schedule=, num_steps=), not flags.
+        raise ConfigError(
+            "the fme CLI runs the exact passes (slice, group); rehash needs a step schedule, for "
+            "which it has no flags. Measure rehash on a whole pipeline with "
+            "`python benchmarks/bench_rehash.py --pipeline svd --steps N --full-steps K` (from the source tree), or in Python "
+            "with fmecompile.Config(passes=(\"slice\", \"group\", \"rehash\"), num_steps=N, full_steps=K)")
     return Config(passes=passes, spatial_chunks=args.spatial_chunks, temporal_chunks=args.temporal_chunks,
                   memory_budget=parse_bytes(args.memory_budget) if args.memory_budget else None)
 

@@ -21,9 +21,10 @@ import torch.utils._pytree as pytree
 
 from fmecompile.passes.manager import check_passes_available
 
-from .capture import Captured, capture_module, describe_inputs
+from .capture import Captured, capture_module
 from .config import Config
 from .errors import ConfigError, FmeError, InputError
+from .messages import describe_inputs
 from .rehash import TIMESTEP_ARGUMENT, StepRunner
 from .runtime import Program
 
@@ -127,6 +128,16 @@ class CompiledModule(torch.nn.Module):
         self._programs[self._key(named)] = program
         self._current = program
         return program
+
+    def enable_forward_chunking(self, *args: Any, **kwargs: Any) -> None:
+        """diffusers' feed-forward chunking changes the model's code, and the compiled
+        programs run their captured graphs, not that code: changing it now would take effect
+        only for input signatures compiled later. Warns and changes nothing."""
+        warnings.warn(
+            f"fmecompile: enable_forward_chunking() is ignored on a compiled "
+            f"{type(self.module).__name__}: it runs the graphs fmecompile captured, not the "
+            f"model's code (with the slice pass on, fmecompile chunks those layers itself). To use "
+            f"diffusers' chunking instead, call fmecompile.restore(pipe) first.", stacklevel=2)
 
     # -- introspection ----------------------------------------------------------------
 

@@ -3,6 +3,7 @@ where it is written, not deep inside a pass."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 from dataclasses import dataclass, fields
 from typing import Any, Mapping
@@ -29,7 +30,8 @@ class Config:
         plans it likewise.
     batch_chunks: chunks of the batch (the guidance batch) for the whole model, where the
         model is independent along it; None plans it likewise.
-    memory_budget: activation memory budget in bytes; the slicer picks the fewest chunks
+    memory_budget: activation memory budget in bytes (an int, or a string such as "1GiB" or
+        "512MB"); the slicer picks the fewest chunks
         whose predicted peak fits. None: no budget.
     schedule: rehash step schedule, one flag per denoising step, True = full step.
     num_steps / full_steps: rehash with K = full_steps of N = num_steps steps run in full.
@@ -44,7 +46,7 @@ class Config:
     spatial_chunks: int | None = None
     temporal_chunks: int | None = None
     batch_chunks: int | None = None
-    memory_budget: int | None = None
+    memory_budget: int | str | None = None
     schedule: tuple[bool, ...] | None = None
     num_steps: int | None = None
     full_steps: int | None = None
@@ -56,6 +58,11 @@ class Config:
         object.__setattr__(self, "passes", _normalize_passes(self.passes))
         for name in ("spatial_chunks", "temporal_chunks", "batch_chunks", "num_steps", "full_steps"):
             _check_positive_int(name, getattr(self, name))
+        if isinstance(self.memory_budget, str):  # "1GiB", as the CLI's --memory-budget takes
+            try:
+                object.__setattr__(self, "memory_budget", parse_bytes(self.memory_budget))
+            except ConfigError as err:
+                raise ConfigError(f"memory_budget: {err}") from None
         _check_positive_int("memory_budget", self.memory_budget)
         if self.schedule is not None:
             object.__setattr__(self, "schedule", _normalize_schedule(self.schedule))
@@ -118,6 +125,28 @@ class Config:
                 f"unknown fmecompile option(s) {unknown}; valid options are {valid}"
             )
         return cls(**options)
+
+
+def _checked_init(init: Any) -> Any:
+    """Config's dataclass __init__, with unknown fields reported as a ConfigError that lists
+    the valid ones (the generated __init__ raises a bare TypeError). Wrapping __init__ keeps
+    Config a plain frozen dataclass: `Config(passes=...)`, replace() and fields() work as before."""
+
+    @functools.wraps(init)
+    def __init__(self: Config, *args: Any, **kwargs: Any) -> None:
+        valid = [f.name for f in fields(Config)]
+        unknown = sorted(set(kwargs) - set(valid))
+        if unknown:
+            raise ConfigError(f"unknown Config field(s) {unknown}; valid fields are {valid}")
+        if len(args) > len(valid):
+            raise ConfigError(f"Config takes at most {len(valid)} positional values ({valid}), "
+                              f"got {len(args)}; pass fields by name")
+        init(self, *args, **kwargs)
+
+    return __init__
+
+
+Config.__init__ = _checked_init(Config.__init__)  # type: ignore[method-assign]
 
 
 def _normalize_passes(passes: Any) -> tuple[str, ...]:

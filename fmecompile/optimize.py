@@ -58,6 +58,8 @@ class _Replaced:
     unet: torch.nn.Module | None = None
     vae: torch.nn.Module | None = None
     decode_latents: bool = False
+    save_pretrained: bool = False
+    offload_guards: tuple[str, ...] = ()
 
 
 def optimize(pipe: Any, config: Config | None = None) -> OptimizeSummary:
@@ -73,6 +75,7 @@ def optimize(pipe: Any, config: Config | None = None) -> OptimizeSummary:
     summary = OptimizeSummary()
     replaced = _Replaced()
     unet, vae = getattr(pipe, "unet", None), getattr(pipe, "vae", None)
+    _refuse_offloaded(pipe, {"unet": unet, "vae": vae})
 
     # Every CompiledModule is made before anything is installed: a bad config fails here
     # and leaves the pipeline untouched.
@@ -85,7 +88,7 @@ def optimize(pipe: Any, config: Config | None = None) -> OptimizeSummary:
                        f"kwargs=example_inputs) or fmecompile.CompiledModule(module).")
 
     if compiled_unet is not None:
-        setattr(pipe, "unet", compiled_unet)
+        _set_unet(pipe, compiled_unet)
         replaced.unet = unet
         summary.modules["unet"] = compiled_unet
     if compiled_decode is not None:
@@ -94,6 +97,8 @@ def optimize(pipe: Any, config: Config | None = None) -> OptimizeSummary:
         summary.modules["vae.decode"] = compiled_decode
         replaced.decode_latents = _decode_whole_videos(pipe, summary)
     _note_other_components(pipe, summary)
+    replaced.save_pretrained = _save_original_components(pipe, replaced)
+    replaced.offload_guards = _guard_offload(pipe)
     object.__setattr__(pipe, STATE_ATTRIBUTE, replaced)
     log.info("fmecompile.optimize(%s):\n%s", type(pipe).__name__, summary)
     return summary
@@ -112,6 +117,10 @@ def restore(pipe: Any) -> None:
         del replaced.vae.__dict__["decode"]
     if replaced.decode_latents:
         del pipe.__dict__["decode_latents"]
+    if replaced.save_pretrained:
+        del pipe.__dict__["save_pretrained"]
+    for name in replaced.offload_guards:
+        del pipe.__dict__[name]
     object.__delattr__(pipe, STATE_ATTRIBUTE)
 
 
@@ -221,4 +230,92 @@ def _note_other_components(pipe: Any, summary: OptimizeSummary) -> None:
         summary.left[name] = ("runs once per generation, outside the denoising loop; "
                               "fmecompile targets the UNet and the VAE decoder")
     if "vae.decode" in summary.modules and hasattr(pipe.vae, "encode"):
-        summary.left["vae.encode"] = "runs once per generation (SVD's conditioning image); left eager"
+        summary.left["vae.encode"] = next(
+            (why for cls in type(pipe).__mro__ for name, why in _ENCODE_USE.items() if cls.__name__ == name),
+            "left eager: fmecompile compiles the decoder, which every generation runs")
+
+
+# What each known pipeline uses its VAE's encoder for, by class name.
+_ENCODE_USE = {
+    "StableVideoDiffusionPipeline": "runs once per generation, on the conditioning image; left eager",
+    "AnimateDiffPipeline": "not called when generating from text; left eager",
+}
+
+
+def _save_original_components(pipe: Any, replaced: _Replaced) -> bool:
+    """Makes the pipeline's save_pretrained save the original UNet (diffusers skips a
+    component whose class it cannot save, and the folder would lack unet/). The compiled
+    UNet is back in place afterwards. Returns whether it installed that."""
+    original = getattr(pipe, "save_pretrained", None)
+    if original is None or replaced.unet is None:
+        return False
+
+    @functools.wraps(original)
+    def save_pretrained(*args: Any, **kwargs: Any) -> Any:
+        compiled = pipe.unet
+        _set_unet(pipe, replaced.unet)
+        try:
+            return original(*args, **kwargs)
+        finally:
+            _set_unet(pipe, compiled)
+
+    pipe.__dict__["save_pretrained"] = save_pretrained
+    return True
+
+
+def _set_unet(pipe: Any, unet: torch.nn.Module) -> None:
+    if isinstance(pipe, torch.nn.Module):
+        setattr(pipe, "unet", unet)  # a submodule: nn.Module keeps it in _modules
+    else:
+        # Not setattr: a diffusers pipeline would record the CompiledModule's class as the
+        # unet's in its config (model_index.json), which no loader can read back.
+        object.__setattr__(pipe, "unet", unet)
+
+
+# --- offloading ------------------------------------------------------------------------
+
+# Offload hooks run around a model's forward (accelerate's `_hf_hook`, diffusers' own
+# `_diffusers_hook` for group offloading) and move its weights on and off the device. The
+# compiled programs read the weights directly, without calling the model's forward or its
+# decode, so the hooks would not run: the weights would stay wherever the last hook left them.
+_OFFLOAD_METHODS = ("enable_model_cpu_offload", "enable_sequential_cpu_offload", "enable_group_offload")
+_OFFLOAD_ADVICE = ("fmecompile compiles models that stay on their device: keep every component on "
+                   "it (pipe.to('cuda')) and let the slice pass cut the activation memory instead")
+
+
+def _is_offloaded(module: torch.nn.Module) -> bool:
+    if hasattr(module, "_hf_hook"):
+        return True
+    registry = getattr(module, "_diffusers_hook", None)  # other diffusers hooks are not offloading
+    return registry is not None and any("offload" in name for name in getattr(registry, "_hook_order", ()))
+
+
+def _refuse_offloaded(pipe: Any, parts: dict[str, Any]) -> None:
+    hooked = [name for name, part in parts.items()
+              if isinstance(part, torch.nn.Module) and any(_is_offloaded(m) for m in part.modules())]
+    if hooked:
+        raise FmeError(
+            f"{type(pipe).__name__} has offload hooks on its {' and '.join(hooked)} (from "
+            f"enable_model_cpu_offload, enable_sequential_cpu_offload or group offloading), which "
+            f"fmecompile.optimize cannot compose with: the compiled graphs read the weights "
+            f"without running the hooks. {_OFFLOAD_ADVICE}. To go on, call pipe.remove_all_hooks() "
+            f"and pipe.to(device), then optimize.")
+
+
+def _guard_offload(pipe: Any) -> tuple[str, ...]:
+    """Makes the pipeline's offload switches refuse while it is optimized, rather than
+    installing hooks the compiled parts would bypass. Returns the names installed."""
+    installed = []
+    for name in _OFFLOAD_METHODS:
+        if not callable(getattr(pipe, name, None)):
+            continue
+
+        def refuse(*args: Any, _name: str = name, **kwargs: Any) -> None:
+            raise FmeError(f"{_name}() cannot be composed with fmecompile.optimize: the compiled "
+                           f"UNet and VAE decoder read their weights without running offload hooks. "
+                           f"{_OFFLOAD_ADVICE}, or call fmecompile.restore(pipe) first to offload "
+                           f"the stock pipeline.")
+
+        pipe.__dict__[name] = refuse
+        installed.append(name)
+    return tuple(installed)

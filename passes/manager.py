@@ -60,6 +60,7 @@ def run_passes(gm: fx.GraphModule, config: Config) -> tuple[fx.GraphModule, dict
     for spec in selected(config):
         if spec.splits:
             continue
+        log.info("pass %s: running on %d nodes", spec.name, len(gm.graph.nodes))  # the slicer can take minutes
         start = time.perf_counter()
         result = spec.load()(gm, config)
         check_graph(result.graph_module, expected_outputs, after=f"pass {spec.name!r}")

@@ -67,7 +67,10 @@ def test_scatter_draws_each_point_where_its_values_say():
     assert x2 > x1 and y2 > y1
 
 
-def test_ablate_writes_table_json_and_plot_with_every_configuration(tmp_path, capsys, reference_kernels):
+def test_ablate_writes_table_json_and_plot_with_every_configuration(tmp_path, capsys, reference_kernels,
+                                                                    monkeypatch):
+    # The standard-library plot, whose pixels read_png checks (test_plots.py: matplotlib's).
+    monkeypatch.setattr("fmecompile.tools.plot_mpl.available", lambda: False)
     argv = ["--quiet", "ablate", "--model", "svd-vae-tiny", "--frames", "2", "--height", "32", "--width", "32",
             "--batch", "1", "--device", "cpu", "--repeats", "1", "--warmup", "0", "--chunks", "2,4",
             "--baselines", "decode-chunking", "--out", str(tmp_path)]

@@ -7,12 +7,13 @@ import fmecompile as fme
 IDENTITY = fme.Config(passes=())
 
 
-def test_wrong_input_shape_is_a_capture_error_naming_the_inputs(svd_tiny):
+def test_wrong_input_shape_is_an_input_error_naming_the_argument(svd_tiny):
     bad = {**svd_tiny.inputs, "sample": torch.randn(2, 3, 5, 8, 8)}  # 5 channels, not 8
-    with pytest.raises(fme.CaptureError) as info:
+    with pytest.raises(fme.InputError) as info:
         fme.compile(svd_tiny.model, kwargs=bad, config=IDENTITY)
     text = str(info.value)
-    assert "Tensor(2, 3, 5, 8, 8)" in text and "example_inputs" in text
+    assert "`sample` has shape (2, 3, 5, 8, 8)" in text and "(batch, frames, 8, height, width)" in text
+    assert "example_inputs" in text
 
 
 def test_unknown_argument_is_an_input_error(vae_tiny):

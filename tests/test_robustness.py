@@ -165,7 +165,7 @@ def test_an_impossible_memory_budget_says_the_smallest_reachable_peak(block, ref
 
 @pytest.mark.filterwarnings("ignore:fmecompile. new input signature")
 @pytest.mark.parametrize("change", ["channels", "dtype", "indicator"])
-def test_wrong_inputs_are_one_capture_error(compiled_block, change):
+def test_wrong_inputs_are_one_input_error(compiled_block, change):
     inputs = block_inputs()
     if change == "channels":
         inputs["hidden_states"] = torch.randn(6, CHANNELS // 2, 8, 8)
@@ -173,8 +173,11 @@ def test_wrong_inputs_are_one_capture_error(compiled_block, change):
         inputs["hidden_states"] = inputs["hidden_states"].double()
     else:  # frames in the indicator do not divide the batch*frames of hidden_states
         inputs["image_only_indicator"] = torch.zeros(2, 4)
-    with pytest.raises(fme.CaptureError, match="Check that the inputs fit"):
+    # The block's own eager forward rejects them too: the user's inputs, named when we can.
+    expected = {"dtype": "`hidden_states` is float64, but the model's weights are float32"}
+    with pytest.raises(fme.InputError, match=expected.get(change, "fails on them when run eagerly too")) as info:
         eager(compiled_block, inputs)
+    assert info.value.__cause__ is None
 
 
 def test_a_missing_input_is_an_input_error(compiled_block):

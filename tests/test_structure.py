@@ -17,11 +17,12 @@ PACKAGES = {"fmecompile": "fmecompile", "passes": "fmecompile.passes", "kernels"
 # A pattern names a module, or with ".*" a package and everything in it; the first layer
 # with a matching pattern is a module's layer.
 LAYERS = [
-    ("foundation", ("fmecompile.version", "fmecompile.errors", "fmecompile.ir")),
+    ("foundation", ("fmecompile.version", "fmecompile.errors", "fmecompile.messages", "fmecompile.progress",
+                    "fmecompile.ir")),
     ("pass declarations", ("fmecompile.passes.registry", "fmecompile.passes.group.patterns",
                            "fmecompile.passes")),  # the bare package: a docstring
     ("config", ("fmecompile.config",)),
-    ("capture and kernels", ("fmecompile.capture", "fmecompile.kernels.*")),
+    ("capture and kernels", ("fmecompile.diagnose", "fmecompile.capture", "fmecompile.kernels.*")),
     ("passes", ("fmecompile.passes.*",)),
     ("runtime", ("fmecompile.rehash", "fmecompile.runtime", "fmecompile.compiled", "fmecompile.backend")),
     ("artifacts", ("fmecompile.artifacts",)),

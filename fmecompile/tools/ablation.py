@@ -127,7 +127,11 @@ def plot_ablation(result: dict[str, Any], path: Path) -> Path:
               for i, r in enumerate(result["rows"])]
     present = {r["kind"] for r in result["rows"]}
     legend = [(kind, color) for kind, color in KINDS.items() if kind in present]
-    return write_scatter(path, points, _title(result), "latency (ms)", "activation peak (MiB)", legend)
+    from . import plot_mpl
+
+    # matplotlib (the `plots` extra) if installed, else the standard-library writer.
+    write = plot_mpl.write_scatter if plot_mpl.available() else write_scatter
+    return write(path, points, _title(result), "latency (ms)", "activation peak (MiB)", legend)
 
 
 def _title(result: dict[str, Any]) -> str:

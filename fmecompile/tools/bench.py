@@ -114,14 +114,19 @@ def compare(case: Case, variants: Sequence[Variant], repeats: int = 3, warmup: i
             fn = lambda compiled=compiled: compiled(**inputs)
             compile_s, report = compiled.compile_seconds, compiled.report
         log.info("measuring %s", variant.label)
+        inductor = variant.baseline == "inductor"
         with torch.inference_mode():
-            out, memory = measure_memory(fn, case.device)
+            out, memory = measure_memory(fn, case.device, compiled=inductor)
+            if inductor and torch.device(case.device).type == "cpu":
+                report = _allocator_note(target, inputs, memory)
             times = time_call(fn, case.device, repeats=repeats, warmup=warmup,
                               on_step=lambda i, n: log.info("  %s: timed run %d/%d", variant.label, i, n))
         if reference is None:
             reference = out
         rel_l2, max_abs = output_error(out, reference)
         rows.append(_row(variant, memory, times, compile_s, rel_l2, max_abs, report))
+        if "stock_allocator_peak" in report:  # the table says which meter this row's peak is on
+            rows[-1].label += f" [allocator meter; stock eager on it: {format_bytes(report['stock_allocator_peak'])}]"
         del out
         if variant.baseline == "forward-chunking":
             _set_forward_chunking(module, None)
@@ -133,6 +138,18 @@ def compare(case: Case, variants: Sequence[Variant], repeats: int = 3, warmup: i
         "environment": environment(case.device),
         **({"flops": _stock_flops(target, inputs)} if flops else {}),
     }
+
+
+def _allocator_note(target: Callable[..., Any], inputs: dict[str, Any], memory: MemoryReading) -> dict[str, Any]:
+    """On CPU the Inductor row's peak comes from the CPU allocator (the live-tensor meter
+    would make dynamo run eagerly), which also counts ops' internal workspaces: stock
+    eager's peak on the same meter goes beside it, for a like-for-like ratio."""
+    _, stock = measure_memory(lambda: target(**inputs), "cpu", compiled=True)
+    ratio = memory.activation_peak / stock.activation_peak if stock.activation_peak else None
+    log.info("  inductor: allocator peak %d B, stock eager's %d B on the same meter",
+             memory.activation_peak, stock.activation_peak)
+    return {"meter": "CPU allocator (torch.profiler memory events)",
+            "stock_allocator_peak": stock.activation_peak, "vs_stock_same_meter": ratio}
 
 
 def _stock_flops(target: Callable[..., Any], inputs: dict[str, Any]) -> int:
@@ -148,6 +165,7 @@ def _baseline(name: str, module: torch.nn.Module, target: Callable[..., Any], in
     if name == "decode-chunking":
         return (lambda: decode_in_chunks(target, inputs, chunk_size or 1)), None, {}
     compiled = torch.compile(target)
+    log.info("compiling stock with torch.compile (inductor): the first call compiles")
     start = time.perf_counter()
     with torch.inference_mode():
         compiled(**inputs)  # compiles; the measured calls reuse it

@@ -4,7 +4,9 @@ CPU: `LiveTensorBytes`, a dispatch mode that counts the bytes of every storage a
 allocates while it is active and subtracts them when the storage is freed. It is exact and
 repeatable, so tests can assert on it. Enter it around a call of an eager module or a
 `CompiledModule`, never around a call of a `torch.compile`d function (dynamo would then
-run eagerly without saying so).
+run eagerly without saying so). For those, `measure_memory(..., compiled=True)` reads the
+CPU allocator instead (`allocator_peak`: torch.profiler's memory events), which sees the
+buffers Inductor's generated code allocates without going through the dispatcher.
 
 CUDA: the activation peak from the caching allocator (peak allocated during the call minus
 what was allocated before it), with the reserved peak and NVML's device-wide used memory
@@ -77,15 +79,37 @@ class MemoryReading:
         return asdict(self)
 
 
-def measure_memory(fn: Callable[[], Any], device: torch.device | str) -> tuple[Any, MemoryReading]:
-    """Runs `fn()` once and returns its output with the memory it took."""
+def measure_memory(fn: Callable[[], Any], device: torch.device | str,
+                   compiled: bool = False) -> tuple[Any, MemoryReading]:
+    """Runs `fn()` once and returns its output with the memory it took. compiled: `fn`
+    calls a torch.compile'd function; on CPU it is then metered by the allocator."""
     device = torch.device(device)
     if device.type == "cuda":
         return _measure_cuda(fn, device)
+    if compiled:
+        return allocator_peak(fn)
     meter = LiveTensorBytes()
     with meter:
         out = fn()
     return out, MemoryReading(meter.peak)
+
+
+def allocator_peak(fn: Callable[[], Any]) -> tuple[Any, MemoryReading]:
+    """Runs `fn()` once under torch.profiler with memory profiling; the reading is the
+    peak of the CPU allocator's live bytes during the call (allocations minus frees, in
+    time order). Unlike LiveTensorBytes it is not a dispatch mode, so dynamo still runs
+    the compiled code, and it also counts workspaces that ops allocate internally."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        out = fn()
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                    if e.name() == "[memory]")
+    live = peak = 0
+    for _, nbytes in events:
+        live += nbytes
+        peak = max(peak, live)
+    return out, MemoryReading(peak)
 
 
 def _measure_cuda(fn: Callable[[], Any], device: torch.device) -> tuple[Any, MemoryReading]:

@@ -1,0 +1,53 @@
+"""Progress on stderr: the library is quiet unless asked (fme.set_verbosity), the fme
+command prints a line per phase (capture, each pass) unless --quiet."""
+import subprocess
+import sys
+
+import pytest
+
+from fmecompile.cli import main
+
+COMPILE_MLP = """
+import sys, torch, fmecompile as fme
+if sys.argv[1] != "default":
+    fme.set_verbosity(sys.argv[1])
+mlp = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 8))
+fme.compile(mlp, kwargs={"input": torch.randn(4, 8)}, config=fme.Config(passes=("slice",)))
+"""
+
+
+def stderr_of(verbosity):
+    result = subprocess.run([sys.executable, "-c", COMPILE_MLP, verbosity], capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result.stderr
+
+
+def test_library_is_quiet_by_default_and_set_verbosity_turns_progress_on_and_off():
+    assert "[fme" not in stderr_of("default")
+    verbose = stderr_of("info")
+    for line in ("capturing Sequential.forward", "captured", "pass slice: running on", "pass slice: "):
+        assert line in verbose, verbose
+    assert "[fme" not in stderr_of("warning")
+
+
+def test_unknown_verbosity_is_a_config_error():
+    import fmecompile as fme
+
+    with pytest.raises(fme.ConfigError, match="unknown verbosity"):
+        fme.set_verbosity("loud")
+    fme.set_verbosity(None)
+
+
+def test_cli_prints_each_phase_unless_quiet(tmp_path, capfd):
+    argv = ["compile", "--model", "svd-vae-tiny", "--frames", "2", "--height", "32", "--width", "32",
+            "--batch", "1", "--device", "cpu", "--passes", "slice", "--out", str(tmp_path / "vae.fme")]
+    try:
+        assert main(argv) == 0
+        err = capfd.readouterr().err
+        assert "capturing AutoencoderKLTemporalDecoder.decode" in err and "pass slice: running on" in err
+        assert main(["--quiet", *argv]) == 0
+        assert "[fme" not in capfd.readouterr().err
+    finally:
+        import fmecompile as fme
+        fme.set_verbosity(None)
