@@ -1,0 +1,118 @@
+"""What compiling costs at the size users run, measured on the CPU without running a model:
+for each model at its real config and size, the identity compile (`passes=()`, the canonical graph) against
+slice+group, in the same process: node counts, compile seconds,
+predicted activation peak, artifact bytes, save seconds and fresh-process load seconds.
+
+Weights are allocated uninitialized (built on the meta device, then `to_empty`): nothing
+here reads their values, and random initialization of 1.5 B parameters would dominate the
+run. Model construction is not timed.
+
+    python benchmarks/scale.py --json benchmarks/results/scale-cpu.json
+    python benchmarks/scale.py --models svd-tiny --json /tmp/scale-tiny.json   # a dry run
+"""
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+import fmecompile as fme
+from fmecompile.passes.liveness import predicted_peak
+from fmecompile.tools import zoo
+from fmecompile.tools.bench import DTYPES, environment, markdown_table, write_json
+
+# name -> (batch, frames, height, width) as users run them; None: the model's own
+CASES = {"svd": (2, 14, 576, 1024), "svd-xt": (2, 25, 576, 1024), "animatediff": (2, 16, 512, 512),
+         "svd-vae": (1, 14, 576, 1024)}
+VARIANTS = {"identity": (), "slice+group": ("slice", "group")}
+
+FRESH_LOAD = """
+import sys, time, torch
+import fmecompile as fme
+from fmecompile.tools import zoo
+sys.path.insert(0, sys.argv[4])
+from scale import build_uninitialized
+model = build_uninitialized(sys.argv[2], getattr(torch, sys.argv[3]))
+start = time.perf_counter()
+fme.load(sys.argv[1], model)
+print(f"load_seconds={time.perf_counter() - start:.3f}")
+"""
+
+
+def build_uninitialized(name: str, dtype: torch.dtype) -> torch.nn.Module:
+    model = zoo.build_model(name, dtype=dtype, device="meta")
+    return model.to_empty(device="cpu").eval()
+
+
+def fresh_load_seconds(path: Path, name: str, dtype: torch.dtype) -> float:
+    dtype_name = str(dtype).removeprefix("torch.")
+    result = subprocess.run([sys.executable, "-c", FRESH_LOAD, str(path), name, dtype_name,
+                             str(Path(__file__).parent)], capture_output=True, text=True, timeout=3600)
+    if result.returncode != 0:
+        raise RuntimeError(f"fresh-process load failed:\n{result.stderr[-3000:]}")
+    return float(result.stdout.strip().rsplit("load_seconds=", 1)[1])
+
+
+def measure(name: str, dtype: torch.dtype, folder: Path) -> list[dict]:
+    batch, frames, height, width = CASES.get(name, (2, None, None, None))
+    model = build_uninitialized(name, dtype)
+    inputs = zoo.example_inputs(name, batch=batch, frames=frames, height=height, width=width, dtype=dtype)
+    target = zoo.compile_target(name, model)
+    rows = []
+    for label, passes in VARIANTS.items():
+        start = time.perf_counter()
+        compiled = fme.compile(target, kwargs=inputs, config=fme.Config(passes=passes))
+        compile_s = time.perf_counter() - start
+        start = time.perf_counter()
+        path = fme.save(compiled, folder / f"{name}-{label}.fme")
+        save_s = time.perf_counter() - start
+        rows.append({
+            "model": name, "variant": label, "shape": [batch, frames, height, width],
+            "dtype": str(dtype).removeprefix("torch."),
+            "compiled_nodes": len(compiled.graph_module.graph.nodes),
+            "compile_s": compile_s, "save_s": save_s, "artifact_bytes": path.stat().st_size,
+            "fresh_load_s": fresh_load_seconds(path, name, dtype),
+            "predicted_peak_bytes": predicted_peak(compiled.graph_module),
+        })
+        print(f"{name} {label}: {rows[-1]['compiled_nodes']} nodes, compile {compile_s:.1f}s, "
+              f"load {rows[-1]['fresh_load_s']:.1f}s", flush=True)
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    header = ["model", "variant", "nodes", "vs identity", "compile s", "vs identity", "load s",
+              "load / compile", "artifact MiB", "predicted peak GiB", "vs identity"]
+    identity = {r["model"]: r for r in rows if r["variant"] == "identity"}
+    body = []
+    for r in rows:
+        base = identity[r["model"]]
+        body.append([r["model"], r["variant"], f"{r['compiled_nodes']:,}",
+                     f"{r['compiled_nodes'] / base['compiled_nodes']:.2f}x", f"{r['compile_s']:.1f}",
+                     f"{r['compile_s'] / base['compile_s']:.2f}x", f"{r['fresh_load_s']:.1f}",
+                     f"{r['fresh_load_s'] / r['compile_s']:.2f}", f"{r['artifact_bytes'] / 2**20:.1f}",
+                     f"{r['predicted_peak_bytes'] / 2**30:.2f}",
+                     f"{r['predicted_peak_bytes'] / base['predicted_peak_bytes']:.3f}x"])
+    return "\n".join(markdown_table(header, body))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default=",".join(CASES), help="comma-separated zoo names")
+    parser.add_argument("--dtype", choices=list(DTYPES), default="fp16")
+    parser.add_argument("--json", required=True)
+    args = parser.parse_args()
+    rows = []
+    with tempfile.TemporaryDirectory() as folder:
+        for name in args.models.split(","):
+            rows += measure(name.strip(), DTYPES[args.dtype], Path(folder))
+    print(table(rows))
+    write_json({"rows": rows, "environment": environment("cpu")}, args.json)
+
+
+if __name__ == "__main__":
+    main()
