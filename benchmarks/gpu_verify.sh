@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# The one prepared GPU run (issue 14 item 6), sized for one device call of at most 9 minutes
+# on the H200 (diffusers travels as a wheel: run ../shared/gpu/fetch-wheels.sh here once and
+# carry .whl). Each step has its own time limit and the run goes on past a failed step;
+# every result lands under $OUT (default benchmarks/results): one JSON per step, one log.
+#
+#   device run, carry [".whl"]:  bash benchmarks/gpu_verify.sh
+#   dry run here, tiny models on the CPU:  DRY_RUN=1 OUT=/tmp/verify bash benchmarks/gpu_verify.sh
+#
+# Not yet here (owed with the loop representation of issue 14): the with/without CUDA
+# graphs rows.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-benchmarks/results}
+mkdir -p "$OUT"
+if [ -d .whl ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --target "$PWD/.site" .whl/*.whl || exit 1
+    export PYTHONPATH="$PWD/.site:$PWD"
+    python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . || exit 1
+fi
+export PYTHONUNBUFFERED=1
+if [ "${DRY_RUN:-0}" = 1 ]; then
+    tiny=-tiny common="--dtype fp32 --device cpu --repeats 1 --warmup 0"
+    svd="--frames 2 --height 64 --width 64" ad="--frames 2 --height 64 --width 64"
+else
+    tiny="" common="--dtype fp16 --device cuda --repeats 3 --warmup 1"
+    svd="--frames 14 --height 576 --width 1024" ad="--frames 16 --height 512 --width 512"
+fi
+# At most 8 files come back from a device call: the logs share one file.
+step() {  # step NAME SECONDS COMMAND...: runs it with a limit, its output appended to verify.log
+    local name=$1 limit=$2
+    shift 2
+    echo "== $name (limit ${limit}s)" | tee -a "$OUT/verify.log"
+    timeout "$limit" "$@" >>"$OUT/verify.log" 2>&1
+    echo "   exit $? after ${SECONDS}s total" | tee -a "$OUT/verify.log"
+}
+if [ "${DRY_RUN:-0}" != 1 ]; then  # Triton on the real GPU
+    step kernels-tests 60 python3 -m pytest -q tests/test_kernels.py
+    step kernels-bench 60 python3 benchmarks/bench_kernels.py --json "$OUT/kernels-fp16.json"
+fi
+step svd-unet 200 fme bench --model svd$tiny $svd --batch 2 $common --passes slice,group \
+    --json "$OUT/verify-svd$tiny-b2.json"
+step svd-vae 90 fme bench --model svd-vae$tiny $svd --batch 1 $common --passes slice,group \
+    --json "$OUT/verify-svd-vae$tiny.json"
+step animatediff 120 fme bench --model animatediff$tiny $ad --batch 2 $common --passes slice,group \
+    --json "$OUT/verify-animatediff$tiny-b2.json"
+ls -la "$OUT"
