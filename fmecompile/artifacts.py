@@ -9,24 +9,24 @@ UNet with return_dict=False, AnimateDiff's scheduler with an int64 timestep): al
 so an artifact saved after one generation serves the pipeline that generated it.
 
 The file is a zip archive:
-  manifest.json               format and versions, the Config, a hash of the model's config,
-                              the weights' names, shapes and dtypes, and per program its input
-                              signature, call structure and plan (the report); a SHA-256 of
-                              every other member;
-  programs/<i>/<name>.pt2     each graph of program i ("main", or "full" and "partial" with
-                              rehash) as a torch.export program (torch.export.save).
-Weights are not in the file: the saved programs hold shape-only (meta) tensors in their
-place, and the loaded program reads the weights of the module given to `load` at every call,
-as a freshly compiled one does.
+  manifest.json                  format and versions, the Config, a hash of the model's
+                                 config, the weights' names, shapes and dtypes, and per
+                                 program its input signature, call structure, plan (the
+                                 report) and constants; a SHA-256 of every other member;
+  programs/<i>/<name>.json       each graph of program i ("main", or "full" and "partial"
+                                 with rehash) in graph_file's format;
+  programs/<i>/constants/<k>     the raw bytes of the program's lifted constant tensors.
+The archive's comment seals the SHA-256 of every byte before it. Weights are not in the
+file: the loaded program reads the weights of the module given to `load` at every call, as
+a freshly compiled one does.
 
-An artifact may come from anyone, so nothing in it is unpickled: the manifest is JSON, and
-each .pt2 is checked to hold only the JSON graph and raw tensor payloads before
-torch.export.load reads it (that loader unpickles some payloads it may find).
+An artifact may come from anyone, so nothing in it is unpickled and nothing in it names
+code: the manifest and the graphs are JSON, graphs may call aten and fme operators only,
+and constants are raw bytes of a dtype and shape the manifest states.
 """
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import re
 import zipfile
@@ -37,28 +37,22 @@ from typing import Any
 import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
-from torch.export import ExportedProgram
-from torch.export.exported_program import ModuleCallEntry, ModuleCallSignature
-from torch.export.graph_signature import (ConstantArgument, ExportGraphSignature, InputKind, InputSpec,
-                                          OutputKind, OutputSpec, TensorArgument)
 
-from .messages import describe_inputs, first_line
 from .compiled import CompiledModule
 from .config import Config
 from .diagnose import differing_fields
 from .errors import ArtifactError, ConfigError, InputError
-from .ir import (BUFFER, CONSTANT, INPUT_ROLE, PARAMETER, USER, VALUE, GraphInput, copy_graph_module,
-                 placeholders)
+from .graph_file import GraphFormatError, dump_graph, load_graph
+from .ir import BUFFER, INPUT_ROLE, PARAMETER, USER, VALUE, GraphInput, placeholders
+from .messages import describe_inputs, first_line
 from .runtime import Program
 from .version import __version__
 
 FORMAT = "fmecompile-artifact"
 # Bumped whenever the layout of the archive or of the manifest changes. 2: one entry per
-# program (input signature) under "programs".
-FORMAT_VERSION = 2
+# program (input signature) under "programs"; 3: graphs in graph_file's JSON format.
+FORMAT_VERSION = 3
 MANIFEST = "manifest.json"
-
-_INPUT_KINDS = {PARAMETER: InputKind.PARAMETER, BUFFER: InputKind.BUFFER, CONSTANT: InputKind.CONSTANT_TENSOR}
 
 
 # --- saving ----------------------------------------------------------------------------
@@ -77,9 +71,14 @@ def save(compiled: CompiledModule, path: str | Path) -> Path:
     members: dict[str, bytes] = {}
     entries = []
     for index, program in enumerate(programs):
-        files = {name: f"programs/{index}/{name}.pt2" for name in program.graphs}
-        members.update({files[name]: _exported_bytes(gm, program, module) for name, gm in program.graphs.items()})
-        entries.append(_program_entry(program, files))
+        folder = f"programs/{index}"
+        files = {name: f"{folder}/{name}.json" for name in program.graphs}
+        members.update({files[name]: json.dumps(dump_graph(gm)).encode() for name, gm in program.graphs.items()})
+        constants = {}
+        for number, (name, tensor) in enumerate(program.constants.items()):
+            constants[name] = {"file": f"{folder}/constants/{number}", **_describe_leaf(tensor, name)}
+            members[constants[name]["file"]] = _raw_bytes(tensor)
+        entries.append({**_program_entry(program, files), "constants": constants})
     manifest = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -139,63 +138,27 @@ def _program_entry(program: Program, files: dict[str, str]) -> dict[str, Any]:
         "input_roles": [[role.kind, role.name] for role in program.inputs],
         "in_spec": pytree.treespec_dumps(program.in_spec),
         "out_spec": pytree.treespec_dumps(program.out_spec),
-        "graphs": {name: {"file": files[name],
-                          "roles": [[r.kind, r.name] for r in (ph.meta[INPUT_ROLE] for ph in placeholders(gm))]}
-                   for name, gm in program.graphs.items()},
+        "graphs": {name: {"file": files[name]} for name in program.graphs},
         "plan": program.report,
         "compile_seconds": program.compile_seconds,
     }
 
 
-def _exported_bytes(gm: fx.GraphModule, program: Program, module: torch.nn.Module) -> bytes:
-    """One graph as a torch.export program: placeholders keep their roles (parameter,
-    buffer, constant, user input), weights are meta tensors, lifted constants are kept."""
-    from torch._export.verifier import TrainingIRVerifier
+def _raw_bytes(tensor: torch.Tensor) -> bytes:
+    return bytes(tensor.detach().to("cpu").contiguous().view(torch.uint8).numpy())
 
-    gm = copy_graph_module(gm)  # the program keeps its own graph untouched
-    input_specs, state_dict, constants = [], {}, {}
-    for node in placeholders(gm):
-        role: GraphInput = node.meta[INPUT_ROLE]
-        val = node.meta.get("val")
-        arg = TensorArgument(node.name) if isinstance(val, torch.Tensor) else ConstantArgument(node.name, val)
-        kind = _INPUT_KINDS.get(role.kind, InputKind.USER_INPUT)  # USER, and rehash's CACHE
-        target = role.name if kind is not InputKind.USER_INPUT else None
-        persistent = None
-        if kind is InputKind.PARAMETER:
-            state_dict[role.name] = torch.nn.Parameter(_weight(module, role).to("meta"), requires_grad=False)
-        elif kind is InputKind.BUFFER:
-            persistent = _is_persistent(module, role.name)
-            (state_dict if persistent else constants)[role.name] = _weight(module, role).to("meta")
-        elif kind is InputKind.CONSTANT_TENSOR:
-            constants[role.name] = program.constants[role.name]
-        input_specs.append(InputSpec(kind, arg, target, persistent))
-    outputs = pytree.tree_leaves(gm.graph.output_node().args[0])
-    output_specs = [OutputSpec(OutputKind.USER_OUTPUT, TensorArgument(out.name) if isinstance(out, fx.Node)
-                               else ConstantArgument("", out), None) for out in outputs]
-    # The program is called flat (Program feeds it); the call's structure is in the manifest.
-    flat_in = pytree.tree_flatten(((*range(len(input_specs)),), {}))[1]
-    flat_out = pytree.tree_flatten((*range(len(output_specs)),))[1]
-    exported = ExportedProgram(
-        root=gm, graph=gm.graph, graph_signature=ExportGraphSignature(input_specs, output_specs),
-        state_dict=state_dict, range_constraints={}, constants=constants,
-        module_call_graph=[ModuleCallEntry("", ModuleCallSignature([], [], flat_in, flat_out))],
-        # The slicer's loops write into buffers (copy_): the training dialect allows
-        # mutating ops, the default one only functional ones.
-        verifiers=[TrainingIRVerifier],
-    )
-    buffer = io.BytesIO()
-    torch.export.save(exported, buffer)
-    return buffer.getvalue()
+
+def _tensor_from(data: bytes, leaf: dict[str, Any]) -> torch.Tensor:
+    dtype = getattr(torch, leaf["dtype"], None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"unknown dtype {leaf['dtype']!r}")
+    flat = torch.frombuffer(bytearray(data), dtype=torch.uint8).view(dtype)
+    return flat.reshape(leaf["shape"]).to(leaf["device"])
 
 
 def _weight(module: torch.nn.Module, role: GraphInput) -> torch.Tensor:
     owner, _, attr = role.name.rpartition(".")
     return getattr(module.get_submodule(owner), attr)
-
-
-def _is_persistent(module: torch.nn.Module, name: str) -> bool:
-    owner, _, attr = name.rpartition(".")
-    return attr not in module.get_submodule(owner)._non_persistent_buffers_set
 
 
 def _weights_of(module: torch.nn.Module, roles: list[GraphInput]) -> dict[str, list]:
@@ -313,16 +276,13 @@ def load(path: str | Path, module: torch.nn.Module) -> CompiledModule:
 def _load_program(entry: dict[str, Any], members: dict[str, bytes], config: Config, module: torch.nn.Module,
                   loaded: LoadedModule, path: Path) -> tuple[Program, dict[str, Any]]:
     """One saved program, bound to `module`, and an example of the calls it serves."""
-    graphs, constants = {}, {}
-    for name, graph in entry["graphs"].items():
-        graphs[name], graph_constants = _load_graph(
-            members[graph["file"]], [GraphInput(*role) for role in graph["roles"]], path, graph["file"])
-        constants.update(graph_constants)
+    graphs = {name: _load_graph(members[graph["file"]], path, graph["file"]) for name, graph in entry["graphs"].items()}
     try:
+        constants = {name: _tensor_from(members[leaf["file"]], leaf) for name, leaf in entry["constants"].items()}
         in_spec = pytree.treespec_loads(entry["in_spec"])
         out_spec = pytree.treespec_loads(entry["out_spec"])
-    except (ValueError, TypeError, KeyError) as err:
-        raise ArtifactError(f"{path}: the manifest's call structure cannot be read "
+    except (ValueError, TypeError, KeyError, RuntimeError) as err:
+        raise ArtifactError(f"{path}: the manifest's call structure or constants cannot be read "
                             f"({first_line(err)}); compile and save the model again") from err
     inputs = [GraphInput(*role) for role in entry["input_roles"]]
     program = Program(graphs, entry["plan"], config, inputs, constants, in_spec, out_spec, module,
@@ -352,6 +312,7 @@ def _read_archive(path: Path) -> tuple[dict[str, bytes], dict[str, Any]]:
             return members, manifest  # refused by _check_versions, saying which format it is
         checksums = manifest["sha256"]
         files = [graph["file"] for entry in manifest["programs"] for graph in entry["graphs"].values()]
+        files += [leaf["file"] for entry in manifest["programs"] for leaf in entry["constants"].values()]
     except (ValueError, KeyError, TypeError, AttributeError) as err:
         raise ArtifactError(f"{path} has no readable fmecompile manifest ({first_line(err)}); "
                             f"write it again with fmecompile.save or `fme compile --out`") from err
@@ -409,53 +370,15 @@ def _check_model(manifest: dict[str, Any], module: torch.nn.Module, path: Path) 
     return model["method"]
 
 
-# What torch.export.save writes for a program without pickled payloads (paths below the
-# archive's top folder). Anything else could make torch.export.load unpickle.
-_SAFE_PT2_MEMBERS = re.compile(
-    r"archive_format|archive_version|byteorder|\.data/version|\.data/serialization_id"
-    r"|models/model\.json|data/weights/model_weights_config\.json|data/weights/weight_\d+"
-    r"|data/constants/model_constants_config\.json|data/constants/tensor_\d+"
-    r"|data/sample_inputs/model\.pt")
-
-
-def _check_pt2(data: bytes, where: str) -> None:
-    """Refuses a .pt2 that holds anything torch.export.load would unpickle."""
-    with zipfile.ZipFile(io.BytesIO(data)) as archive:
-        for info in archive.infolist():
-            inner = info.filename.partition("/")[2]
-            if not _SAFE_PT2_MEMBERS.fullmatch(inner):
-                raise ArtifactError(f"{where} holds {info.filename}, which fmecompile never writes")
-            if inner.startswith("data/sample_inputs/") and info.file_size:
-                raise ArtifactError(f"{where} holds pickled sample inputs, which fmecompile never writes")
-            if inner.endswith("_config.json"):
-                payloads = json.loads(archive.read(info)).get("config", {})
-                if any(p.get("use_pickle") for p in payloads.values()):
-                    raise ArtifactError(f"{where} holds pickled tensors, which fmecompile never writes")
-
-
-def _load_graph(data: bytes, roles: list[GraphInput], path: Path,
-                member: str) -> tuple[fx.GraphModule, dict[str, torch.Tensor]]:
-    """The graph, its placeholders' roles restored, and its lifted constants by name."""
-    where = f"{path}:{member}"
+def _load_graph(data: bytes, path: Path, member: str) -> fx.GraphModule:
     try:
-        _check_pt2(data, where)
-        exported = torch.export.load(io.BytesIO(data))
-    except ArtifactError as err:
-        raise ArtifactError(f"{err}; refusing to load it (it could run code). Only load artifacts "
-                            f"written by fmecompile.save.") from None
-    except Exception as err:  # torch's deserializer: unknown ops, schema mismatches, bad JSON
-        raise ArtifactError(f"{where} could not be read by torch.export.load ({first_line(err)}); "
-                            f"compile and save the model again with this version") from err
-    gm = exported.graph_module
-    nodes = placeholders(gm)
-    if len(nodes) != len(roles):
-        raise ArtifactError(f"{where} has {len(nodes)} inputs but its manifest lists {len(roles)}; "
-                            f"write the artifact again with fmecompile.save")
-    for node, role in zip(nodes, roles):
-        node.meta[INPUT_ROLE] = role
-    constants = {spec.target: exported.constants[spec.target] for spec in exported.graph_signature.input_specs
-                 if spec.kind is InputKind.CONSTANT_TENSOR}
-    return gm, constants
+        return load_graph(json.loads(data))
+    except GraphFormatError as err:
+        raise ArtifactError(f"{path}:{member}: {err}; refusing to load it. Only load artifacts written "
+                            f"by fmecompile.save, with this version (compile and save again).") from None
+    except ValueError as err:  # not JSON
+        raise ArtifactError(f"{path}:{member} is not a readable graph ({first_line(err)}); compile and "
+                            f"save the model again") from None
 
 
 def _example_call(leaves: list[dict[str, Any]], in_spec: pytree.TreeSpec) -> dict[str, Any]:

@@ -4,7 +4,6 @@ artifact fails with one ArtifactError and leaves the model untouched; `fme compi
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import subprocess
@@ -88,7 +87,7 @@ def test_loaded_module_keeps_plan_and_refuses_other_inputs(saved):
             loaded(**{**inputs, "sample": inputs["sample"].double()})
 
 
-GRAPH = "programs/0/main.pt2"  # the main graph of the first program
+GRAPH = "programs/0/main.json"  # the main graph of the first program
 
 
 def rewrite(path, target, manifest=None, member=None, fix_checksum=False):
@@ -134,18 +133,15 @@ def with_version(package, version):
     return change
 
 
-def with_pickled_sample_inputs(data: bytes) -> bytes:
-    """The .pt2 with a (pickled) sample-inputs payload, which torch.export.load unpickles."""
-    source, out = zipfile.ZipFile(io.BytesIO(data)), io.BytesIO()
-    with zipfile.ZipFile(out, "w") as archive:
-        for info in source.infolist():
-            payload = source.read(info)
-            if "sample_inputs" in info.filename:
-                buffer = io.BytesIO()
-                torch.save(((), {}), buffer)
-                payload = buffer.getvalue()
-            archive.writestr(info, payload)
-    return out.getvalue()
+def calling(target: str):
+    """The graph with its first aten call replaced by a call of `target`, which an artifact
+    from elsewhere could name to run code on load."""
+    def change(data: bytes) -> bytes:
+        graph = json.loads(data)
+        node = next(n for n in graph["nodes"] if n["op"] == "call_function" and n["target"].startswith("aten::"))
+        node["target"] = target
+        return json.dumps(graph).encode()
+    return change
 
 
 BAD_ARTIFACTS = {
@@ -161,9 +157,9 @@ BAD_ARTIFACTS = {
                       r"incompatible version: torch 2\.3\.1"),
     "fmecompile version": (lambda path, target: rewrite(path, target, manifest=with_version("fmecompile", "7.0.0")),
                            r"incompatible version: fmecompile 7\.0\.0"),
-    "pickled payload": (lambda path, target: rewrite(path, target, member=with_pickled_sample_inputs,
-                                                     fix_checksum=True),
-                        "refusing to load it"),
+    "operator outside the allow-list": (lambda path, target: rewrite(path, target, member=calling("builtins::exec.default"),
+                                                                     fix_checksum=True),
+                                        "refusing to load it"),
 }
 
 
