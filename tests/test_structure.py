@@ -25,7 +25,7 @@ LAYERS = [
     ("capture and kernels", ("fmecompile.diagnose", "fmecompile.capture", "fmecompile.kernels.*")),
     ("passes", ("fmecompile.passes.*",)),
     ("runtime", ("fmecompile.rehash", "fmecompile.runtime", "fmecompile.compiled", "fmecompile.backend")),
-    ("artifacts", ("fmecompile.artifacts",)),
+    ("artifacts", ("fmecompile.graph_file", "fmecompile.artifacts")),
     ("api", ("fmecompile.optimize", "fmecompile")),  # the bare package: the public API
     ("tooling", ("fmecompile.tools.*",)),
     ("cli", ("fmecompile.cli",)),
