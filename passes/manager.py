@@ -4,6 +4,7 @@ from __future__ import annotations
 import copy
 import importlib
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -12,7 +13,7 @@ import torch
 import torch.fx as fx
 
 from fmecompile.config import Config
-from fmecompile.errors import ConfigError
+from fmecompile.errors import ConfigError, FmeError
 
 log = logging.getLogger("fmecompile")
 
@@ -114,20 +115,64 @@ def compile_graphs(gm: fx.GraphModule, config: Config) -> tuple[dict[str, fx.Gra
 
 def run_passes(gm: fx.GraphModule, config: Config) -> tuple[fx.GraphModule, dict[str, Any]]:
     """Applies the graph-to-graph passes of `config` (all but rehash, see compile_graphs) to
-    a copy of `gm`; returns the new graph and the report."""
+    a copy of `gm`; returns the new graph and the report. A graph the passes cannot reason
+    about (analyzable.py) is left as captured, each pass's report saying why."""
+    from .analyzable import unanalyzable
+
     passes = [(name, _load_pass(name)) for name in config.passes if name != "rehash"]
     expected_outputs = _output_signature(gm)
     gm = copy_graph_module(gm)
     report: dict[str, Any] = {}
+    refusal = unanalyzable(gm) if passes else None
     for name, run in passes:
         start = time.perf_counter()
-        result = run(gm, config)
+        result = _unchanged(gm, refusal) if refusal else _run_checked(name, run, gm, config)
         check_graph(result.graph_module, expected_outputs, after=name)
         gm = result.graph_module
         report[name] = result.report
         log.info("pass %s: %s in %.2fs", name, "changed" if result.modified else "no change",
                  time.perf_counter() - start)
     return gm, report
+
+
+def strict() -> bool:
+    """FME_STRICT=1 (the test suite sets it): a rewrite that fails its check, or a pass
+    that fails inside torch, raises instead of leaving the graph as it was."""
+    return os.environ.get("FME_STRICT") == "1"
+
+
+def _run_checked(name: str, run: Pass, gm: fx.GraphModule, config: Config) -> PassResult:
+    """Runs one pass and checks the loops of what it returns (verify.py). A rewrite the
+    checker refuses, or a pass failing inside torch, leaves the graph as it was, with the
+    reason in the report: slower, never wrong. fmecompile's own errors (an impossible
+    memory budget) reach the user as they are."""
+    from .verify import LoopCheckError, verify_loops
+
+    original = copy_graph_module(gm)
+    try:
+        result = run(gm, config)
+        if result.modified:
+            result.report["checked_buffers"] = verify_loops(result.graph_module)
+        return result
+    except LoopCheckError as err:
+        if strict():
+            raise
+        reason = f"the {name} pass's rewrite failed its check ({err}); the graph is left as captured"
+    except FmeError:
+        raise
+    except Exception as err:  # noqa: BLE001 - no raw torch error reaches the user from a pass
+        if strict():
+            raise
+        reason = (f"the {name} pass failed ({type(err).__name__}: {err}); the graph is left as "
+                  f"captured (please report this)")
+    log.warning(reason)
+    return _unchanged(original, reason)
+
+
+def _unchanged(gm: fx.GraphModule, reason: str) -> PassResult:
+    nodes = len(gm.graph.nodes)
+    return PassResult(gm, False, {"regions": 0, "fused": 0, "nodes_before": nodes, "nodes_after": nodes,
+                                  "reason": reason})
 
 
 def _output_signature(gm: fx.GraphModule) -> list[tuple]:
