@@ -46,13 +46,18 @@ class LoopCheckError(FmeError):
 
 @dataclass
 class Buffer:
-    """One buffer and the loop writes into it: (position, start, stop, copy_ node)."""
+    """One loop's fill of a buffer: its writes, (position, start, stop, copy_ node). A later
+    loop may fill the same storage again (it reuses a dying input): a fill of its own."""
 
     root: fx.Node
+    loop: object  # the writes' meta['fme_region']
     coords: tuple  # (split view shape or None, dim): where the ranges are measured
     extent: int
     writes: list[tuple[int, int, int, fx.Node]] = field(default_factory=list)
     views: set[fx.Node] = field(default_factory=set)  # the narrows and views writes go through
+
+
+Fills = dict[tuple[fx.Node, object], Buffer]
 
 
 def verify_loops(gm: fx.GraphModule) -> int:
@@ -71,14 +76,15 @@ def verify_loops(gm: fx.GraphModule) -> int:
     return len(buffers)
 
 
-def _buffers(graph: fx.Graph, order: dict[fx.Node, int]) -> dict[fx.Node, Buffer]:
-    """The loop writes (copy_ nodes a rewrite tagged with meta['fme_region']), by buffer."""
-    buffers: dict[fx.Node, Buffer] = {}
+def _buffers(graph: fx.Graph, order: dict[fx.Node, int]) -> Fills:
+    """The loop writes (copy_ nodes a rewrite tagged with meta['fme_region']), by buffer and loop."""
+    buffers: Fills = {}
     for node in graph.nodes:
         if node.target is not COPY or "fme_region" not in node.meta:
             continue
         root, coords, extent, start, length, views = _parse_target(node)
-        buffer = buffers.setdefault(root, Buffer(root, coords, extent))
+        loop = node.meta["fme_region"]
+        buffer = buffers.setdefault((root, loop), Buffer(root, loop, coords, extent))
         if (buffer.coords, buffer.extent) != (coords, extent):
             raise LoopCheckError(f"{root.name} is written in two layouts ({buffer.coords} and {coords})",
                                  broken=False)
@@ -129,12 +135,13 @@ def _check_coverage(buffer: Buffer) -> None:
 
 
 def _check_accesses(buffer: Buffer, sharing: list[fx.Node], order: dict[fx.Node, int],
-                    buffers: dict[fx.Node, Buffer]) -> None:
+                    buffers: Fills) -> None:
     """Every op that reads or writes the buffer's storage does so at a legal time."""
     writes = {w[3] for w in buffer.writes}
     first = min(w[0] for w in buffer.writes)
     last = max(w[0] for w in buffer.writes)
-    fresh = buffer.root.target is aten.empty.memory_format
+    fresh = buffer.root.target is aten.empty.memory_format and not any(
+        b.root is buffer.root and min(w[0] for w in b.writes) < first for b in buffers.values())
     ranges = _ranges(buffer, sharing)
     for node in sharing:
         for user in node.users:
@@ -143,8 +150,8 @@ def _check_accesses(buffer: Buffer, sharing: list[fx.Node], order: dict[fx.Node,
                 continue
             at = order[user]
             if kind == WRITE:
-                if _is_later_loop_write(user, buffers, last, at):
-                    continue
+                if _is_loop_write(user) and not first <= at <= last:
+                    continue  # another loop refilling the storage before or after this one
                 raise LoopCheckError(f"{user.name} ({user.target}) writes into loop buffer "
                                      f"{buffer.root.name} in place", broken=False)
             if fresh and at < last and at > order[buffer.root]:
@@ -154,9 +161,9 @@ def _check_accesses(buffer: Buffer, sharing: list[fx.Node], order: dict[fx.Node,
                 _check_reused_read(buffer, user, ranges.get(node), at)
 
 
-def _is_later_loop_write(user: fx.Node, buffers: dict[fx.Node, Buffer], last: int, at: int) -> bool:
-    """A write of another loop that reuses this buffer once it is full (checked on its own)."""
-    return at > last and any(user in {w[3] for w in b.writes} for b in buffers.values())
+def _is_loop_write(user: fx.Node) -> bool:
+    """Whether `user` is a loop write (every one is checked with its own fill)."""
+    return user.target is COPY and "fme_region" in user.meta
 
 
 def _check_reused_read(buffer: Buffer, user: fx.Node, span: tuple[int, int] | None, at: int) -> None:
