@@ -30,7 +30,7 @@ import fmecompile.kernels  # noqa: F401  (registers fme:: ops)
 
 from .axes import Location
 from .liveness import may_alias_classes
-from .mutation import touched_classes
+from .mutation import local_alias_classes, touched_classes
 from .regions import Region, reusable_inputs
 from .rules import rule_for
 from .verify import LoopCheckError
@@ -218,12 +218,16 @@ def _move_after_block(before: fx.Node, created: list[fx.Node], buffers: set[fx.N
     it fills, so data flow alone would leave those reads before the writes they need."""
     if not created:
         return
-    alias = may_alias_classes(before.graph)
+    window = []
+    node = before.next
+    while node is not created[0]:
+        window.append(node)
+        node = node.next
+    alias = local_alias_classes(window + created)
     late: set[fx.Node] = set()
     filled = set(created) | buffers
     written_late, read_late = set(), set()  # storage classes late nodes write / read
-    node = before.next
-    while node is not created[0]:
+    for node in window:
         reads, writes = touched_classes(node, alias)
         moved = any(i in filled or i in late for i in node.all_input_nodes) \
             or (reads | writes) & written_late or writes & read_late
@@ -231,12 +235,12 @@ def _move_after_block(before: fx.Node, created: list[fx.Node], buffers: set[fx.N
             late.add(node)
             written_late |= writes
             read_late |= reads
-        node = node.next
     # Late readers of the block's own buffers read what the block writes: no conflict.
     read_late -= {alias[b] for b in buffers}
     _check_block_independent(created, late, written_late, read_late, alias)
-    for node in [n for n in before.graph.nodes if n in late]:
-        anchor.prepend(node)
+    for node in window:
+        if node in late:
+            anchor.prepend(node)
 
 
 def _check_block_independent(created: list[fx.Node], late: set[fx.Node], written_late: set,

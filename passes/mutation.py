@@ -13,6 +13,8 @@ import operator
 
 import torch.fx as fx
 
+from .liveness import _aliased_inputs as aliased_inputs
+
 VIEW, READ, WRITE = "view", "read", "write"
 
 # Ops whose schema says the output may alias the input but which copy when the strides
@@ -55,3 +57,29 @@ def touched_classes(node: fx.Node, alias: dict[fx.Node, fx.Node]) -> tuple[set, 
     for source in node.all_input_nodes:
         (writes if access(node, source) == WRITE else reads).add(alias[source])
     return reads, writes
+
+
+def local_alias_classes(nodes: list[fx.Node]) -> dict[fx.Node, fx.Node]:
+    """liveness.may_alias_classes for `nodes`, their inputs and every value those view or
+    may alias, found by walking up alias edges from them only: two views of one storage
+    meet at its base, so a writer and a reader of it land in one class. Costs the size of
+    `nodes`, not of the graph (the emitter asks once per loop)."""
+    parent: dict[fx.Node, fx.Node] = {}
+
+    def find(node: fx.Node) -> fx.Node:
+        while parent.setdefault(node, node) is not node:
+            parent[node] = parent[parent[node]]
+            node = parent[node]
+        return node
+
+    stack = [*nodes, *(i for n in nodes for i in n.all_input_nodes)]
+    seen: set[fx.Node] = set()
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        for source in aliased_inputs(node):
+            parent[find(source)] = find(node)
+            stack.append(source)
+    return {node: find(node) for node in seen}
