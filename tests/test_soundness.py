@@ -171,3 +171,22 @@ def test_kernels_fall_back_when_triton_was_imported_before_the_interpreter_flag(
                             timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip().endswith("ok")
+
+
+def test_a_pass_failing_inside_torch_leaves_the_graph_as_captured(monkeypatch):
+    from fmecompile.passes import slice as slice_module
+
+    def guard_failure(*args, **kwargs):
+        raise RuntimeError("Could not guard on data-dependent expression u0 > 0")
+
+    model, x = VideoBlocks().eval(), video()
+    monkeypatch.setattr(slice_module, "find_plan", guard_failure)
+    monkeypatch.setenv("FME_STRICT", "0")
+    compiled = fme.compile(model, args=(x,), config=SLICE)
+    report = compiled.report["slice"]
+    assert "slice pass failed (RuntimeError" in report["reason"] and report["regions"] == 0
+    with torch.no_grad():
+        assert torch.equal(compiled(x), fme.compile(model, args=(x,), config=IDENTITY)(x))
+    monkeypatch.setenv("FME_STRICT", "1")
+    with pytest.raises(RuntimeError, match="data-dependent"):
+        fme.compile(model, args=(x,), config=SLICE)
