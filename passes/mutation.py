@@ -83,3 +83,11 @@ def local_alias_classes(nodes: list[fx.Node]) -> dict[fx.Node, fx.Node]:
             parent[find(source)] = find(node)
             stack.append(source)
     return {node: find(node) for node in seen}
+
+
+def writes_in_place(node: fx.Node) -> bool:
+    """Whether the op may write one of its inputs (by its schema; an op without one may)."""
+    if node.op != "call_function" or node.target is operator.getitem:
+        return False
+    schema = getattr(node.target, "_schema", None)
+    return schema is None or any(a.alias_info is not None and a.alias_info.is_write for a in schema.arguments)

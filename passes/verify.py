@@ -28,7 +28,7 @@ import torch.fx as fx
 from fmecompile.errors import FmeError
 
 from .liveness import may_alias_classes
-from .mutation import VIEW, WRITE, access
+from .mutation import VIEW, WRITE, access, writes_in_place
 
 aten = torch.ops.aten
 COPY = aten.copy_.default
@@ -81,6 +81,9 @@ def _buffers(graph: fx.Graph, order: dict[fx.Node, int]) -> Fills:
     buffers: Fills = {}
     for node in graph.nodes:
         if node.target is not COPY or "fme_region" not in node.meta:
+            if writes_in_place(node):  # the captured graph had none (analyzable.py): a pass made it
+                raise LoopCheckError(f"{node.name} ({node.target}) writes in place outside any loop",
+                                     broken=False)
             continue
         root, coords, extent, start, length, views = _parse_target(node)
         loop = node.meta["fme_region"]

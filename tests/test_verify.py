@@ -103,6 +103,16 @@ def test_an_unknown_in_place_op_on_a_buffer_is_refused(sliced):
     assert not error.broken and "in place" in str(error)
 
 
+def test_an_in_place_op_outside_any_loop_is_refused(sliced):
+    gm = copy_graph_module(sliced)
+    output = gm.graph.output_node()
+    value = output.args[0][0] if isinstance(output.args[0], (tuple, list)) else output.args[0]
+    with gm.graph.inserting_before(output):
+        gm.graph.call_function(aten.relu_.default, (value,))
+    error = broken(gm)
+    assert not error.broken and "outside any loop" in str(error)
+
+
 def test_a_write_not_through_a_narrow_is_refused(sliced):
     gm = copy_graph_module(sliced)
     write = next(iter(loop_writes(gm, True).values()))[0]
