@@ -190,3 +190,29 @@ def test_a_pass_failing_inside_torch_leaves_the_graph_as_captured(monkeypatch):
     monkeypatch.setenv("FME_STRICT", "1")
     with pytest.raises(RuntimeError, match="data-dependent"):
         fme.compile(model, args=(x,), config=SLICE)
+
+
+def test_moving_a_loops_readers_keeps_writes_before_the_reads_of_their_storage():
+    # The state emit_region leaves before _move_after_block: a block (`block`) placed after
+    # the region's last op, and between the region's first op and it, another loop's
+    # write into its buffer that reads the block's output (so it must move after the
+    # block) and a read of that buffer. FX has no edge from the copy_ to the read: the
+    # read must move with the write, or it reads memory not yet written.
+    from fmecompile.passes.chunk_loops import _move_after_block
+
+    graph = torch.fx.Graph()
+    x = graph.placeholder("x")
+    first = graph.call_function(torch.ops.aten.relu.default, (x,))  # the region's first op
+    buffer = graph.call_function(torch.ops.aten.empty.memory_format, ([4],), {"dtype": torch.float32})
+    target = graph.call_function(torch.ops.aten.narrow.default, (buffer, 0, 0, 4))
+    value = graph.call_function(torch.ops.aten.neg.default, (x,))
+    write = graph.call_function(torch.ops.aten.copy_.default, (target, value))
+    read = graph.call_function(torch.ops.aten.sin.default, (buffer,))
+    block = graph.call_function(torch.ops.aten.exp.default, (x,))
+    graph.output((read, block))
+    value.args = (block,)  # the region's output, rerouted to the block's buffer
+    graph.erase_node(first)
+    _move_after_block(x, [block], {block}, graph.output_node())
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    graph.lint()
+    assert order[block] < order[value] < order[write] < order[read]
