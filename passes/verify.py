@@ -109,6 +109,8 @@ def _parse_target(write: fx.Node) -> tuple[fx.Node, tuple, int, int, int, set[fx
         views.add(base)
         coords = (tuple(base.args[1]), dim)
         base = base.args[0]
+    if _shape(target) is None or _shape(target.args[0]) is None:
+        raise LoopCheckError(f"loop write {write.name} has no shape metadata", broken=False)
     if _shape(target) != _shape(source):
         raise LoopCheckError(f"loop write {write.name} copies a {_shape(source)} chunk into a "
                              f"{_shape(target)} slice (a broadcast)", broken=True)
