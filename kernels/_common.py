@@ -4,12 +4,17 @@ launched (and counted), and the jit helpers more than one kernel uses.
 Path selection: an op runs its Triton kernel when its first tensor is on CUDA, or anywhere
 while the Triton interpreter is on (TRITON_INTERPRET=1, which must be set before triton is
 first imported, since @triton.jit reads it when the kernels are defined); else its plain-torch
-reference runs, so CPU without the interpreter still works. The kernels take float16,
+reference runs, so CPU without the interpreter still works. If TRITON_INTERPRET=1 was set
+only after triton was imported (importing diffusers imports triton), triton's own library
+functions were compiled for a GPU and every kernel fails on CPU: the ops then warn once,
+saying what to do, and run their references. The kernels take float16,
 bfloat16 and float32 and compute in float32; other dtypes and empty tensors take the reference.
 """
 from __future__ import annotations
 
+import functools
 import os
+import warnings
 from collections import Counter
 
 import torch
@@ -27,7 +32,29 @@ def use_triton(x: Tensor, *others: Tensor | None) -> bool:
     """Whether the Triton kernels run for these operands (see the module docstring)."""
     if not (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1") or x.numel() == 0:
         return False
+    if not x.is_cuda and not interpreter_ready():
+        return False
     return all(t.dtype in TRITON_DTYPES for t in (x, *others) if t is not None)
+
+
+@functools.cache
+def interpreter_ready() -> bool:
+    """Whether the Triton interpreter really runs our kernels: triton's library functions
+    (tl.sum) and ours (block_moments) were both decorated while TRITON_INTERPRET=1 was set.
+    Warns once, with the fix, when the variable is set but came too late."""
+    try:
+        from triton.runtime.interpreter import InterpretedFunction
+    except ImportError:
+        return False
+    ready = all(isinstance(f, InterpretedFunction) for f in (tl.standard.sum, block_moments))
+    if not ready:
+        warnings.warn(
+            "fmecompile: TRITON_INTERPRET=1 is set but triton was imported before it was (importing "
+            "diffusers imports triton), so its kernels cannot run on CPU; fmecompile's fused ops run "
+            "their plain-torch references instead. To run the Triton kernels on CPU, set "
+            "TRITON_INTERPRET=1 before anything imports triton (e.g. in the environment).",
+            RuntimeWarning, stacklevel=3)
+    return ready
 
 
 def launch(kernel, num_programs: int, *args, **meta) -> None:

@@ -122,12 +122,12 @@ def may_alias_classes(graph: fx.Graph) -> dict[fx.Node, fx.Node]:
 
     for node in graph.nodes:
         find(node)
-        for source in _aliased_inputs(node):
+        for source in aliased_inputs(node):
             parent[find(source)] = find(node)
     return {node: find(node) for node in graph.nodes}
 
 
-def _aliased_inputs(node: fx.Node) -> list[fx.Node]:
+def aliased_inputs(node: fx.Node) -> list[fx.Node]:
     if node.op != "call_function":
         return []
     if node.target is operator.getitem:

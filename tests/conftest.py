@@ -8,6 +8,9 @@ import torch
 # triton is imported anywhere.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# A rewrite that fails fmecompile's loop check, or a pass failing inside torch, raises here
+# instead of quietly leaving the graph as captured (passes/manager.py).
+os.environ.setdefault("FME_STRICT", "1")
 
 import pytest  # noqa: E402
 

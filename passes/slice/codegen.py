@@ -31,8 +31,10 @@ import fmecompile.kernels  # noqa: F401  (registers fme:: ops)
 from fmecompile.ir import REGION, shape as _shape
 
 from ..liveness import may_alias_classes
-from .axes import Location
+from ..mutation import local_alias_classes, touched_classes
+from ..verify import LoopCheckError
 from .cost import reusable_inputs
+from .axes import Location
 from .regions import Region
 from .rules import rule_for
 
@@ -210,15 +212,47 @@ def _move_after_block(before: fx.Node, created: list[fx.Node], buffers: set[fx.N
     """Outside nodes that sat between the region's ops and read its outputs now read the
     buffers, which the block fills: they move after it, keeping their order. (A buffer
     may be an input the loop writes into, placed before the region: its readers from
-    there on are such nodes, since nothing else may read it then; see reusable_inputs.)"""
+    there on are such nodes, since nothing else may read it then; see reusable_inputs.)
+
+    Moving a node that writes a storage in place (another loop's copy_ into its buffer)
+    moves with it every later access of that storage, and moving a reader moves every
+    later write of what it read: FX edges do not link a copy_ to the reads of the buffer
+    it fills, so data flow alone would leave those reads before the writes they need."""
     if not created:
         return
-    late: set[fx.Node] = set()
-    filled = set(created) | buffers
+    window = []
     node = before.next
     while node is not created[0]:
-        if any(i in filled or i in late for i in node.all_input_nodes) and node not in buffers:
-            late.add(node)
+        window.append(node)
         node = node.next
-    for node in [n for n in before.graph.nodes if n in late]:
-        anchor.prepend(node)
+    alias = local_alias_classes(window + created)
+    late: set[fx.Node] = set()
+    filled = set(created) | buffers
+    written_late, read_late = set(), set()  # storage classes late nodes write / read
+    for node in window:
+        reads, writes = touched_classes(node, alias)
+        moved = any(i in filled or i in late for i in node.all_input_nodes) \
+            or (reads | writes) & written_late or writes & read_late
+        if moved and node not in buffers:
+            late.add(node)
+            written_late |= writes
+            read_late |= reads
+    # Late readers of the block's own buffers read what the block writes: no conflict.
+    read_late -= {alias[b] for b in buffers}
+    _check_block_independent(created, late, written_late, read_late, alias)
+    for node in window:
+        if node in late:
+            anchor.prepend(node)
+
+
+def _check_block_independent(created: list[fx.Node], late: set[fx.Node], written_late: set,
+                             read_late: set, alias: dict[fx.Node, fx.Node]) -> None:
+    """The block runs before the moved nodes: it must not need any of them (a value, or a
+    storage they write or read before the block would write it)."""
+    for node in created:
+        reads, writes = touched_classes(node, alias)
+        if any(i in late for i in node.all_input_nodes) or reads & written_late or writes & read_late:
+            raise LoopCheckError(
+                f"the loop emitted for {node.meta.get(REGION)} would need {node.name}'s inputs "
+                f"from ops that must run after it (the region is not convex once in-place writes "
+                f"are counted)", broken=True)

@@ -26,11 +26,12 @@ from __future__ import annotations
 import torch.fx as fx
 
 from fmecompile.config import Config
+from fmecompile.ir import copy_with_map
 
 from ..liveness import predicted_peak
 from ..registry import PassResult
 from .budget import plan_counts
-from .plan import MIN_SAVING, apply_plan, find_plan, fixed_count
+from .plan import MIN_SAVING, apply_plan, find_plan, fixed_count, remap_plan
 from .regions import BATCH, SPATIAL, TEMPORAL
 
 
@@ -41,26 +42,35 @@ def slice_pass(gm: fx.GraphModule, config: Config) -> PassResult:
         counts, planning = plan_counts(gm, plan, config)
     else:
         counts, planning = {key: fixed_count(config, r) for key, r in plan.regions().items()}, None
-    applied = apply_plan(gm, plan, counts)
-    after = predicted_peak(gm)
-    records = applied.records
+    # Applied to a copy: a plan that does not lower the whole program's peak is dropped.
+    trial, val_map = copy_with_map(gm)
+    applied = apply_plan(trial, remap_plan(plan, val_map), counts)
+    after = predicted_peak(trial) if applied.records else plan.peak_before
+    worse = bool(applied.records) and after >= plan.peak_before
+    records = [] if worse else applied.records
+    result = gm if worse else trial
     report = {
         "regions": len(records),
         "chunked_ops": sum(r["ops"] for r in records),
         "by_kind": {kind: sum(1 for r in records if r["kind"] == kind) for kind in (BATCH, SPATIAL, TEMPORAL)},
         "two_phase_norms": sum(r["two_phase_norms"] for r in records),
-        "predicted_peak_bytes": after,
+        "predicted_peak_bytes": plan.peak_before if worse else after,
         "predicted_peak_before_bytes": plan.peak_before,
         "memory_budget": config.memory_budget,
         "nodes_before": nodes_before,
-        "nodes_after": len(gm.graph.nodes),
+        "nodes_after": len(result.graph.nodes),
         "region_list": records,
     }
     if planning is not None:
         report["planning"] = planning
-    if not records:
+    if worse:
+        report["reason"] = (
+            f"the {len(applied.records)} loops found would not lower the program's predicted "
+            f"activation peak ({after} bytes against {plan.peak_before} as captured); the graph "
+            f"is left as captured")
+    elif not records:
         report["reason"] = (
             f"no region of ops independent along the batch, frame or pixel axis would lower the "
             f"predicted activation peak by {MIN_SAVING:.0%} or more (regions grow from convolutions, "
             f"attention and normalizations); the graph is left as captured")
-    return PassResult(gm, bool(records), report)
+    return PassResult(result, bool(records), report)
