@@ -10,6 +10,7 @@ outputs.
 import logging
 
 from .artifacts import load, save
+from .check import CheckResult, CheckWarning, check
 from .compiled import CompiledModule, compile
 from .config import Config
 from .errors import ArtifactError, CaptureError, ConfigError, FmeError, InputError
@@ -19,6 +20,6 @@ from .rehash import Calibration, calibrate
 __version__ = "0.1.0"
 __all__ = ["CompiledModule", "compile", "Config", "FmeError", "ConfigError", "CaptureError",
            "InputError", "__version__", "save", "load", "ArtifactError", "optimize", "restore",
-           "calibrate", "Calibration"]
+           "calibrate", "Calibration", "check", "CheckResult", "CheckWarning"]
 
 logging.getLogger("fmecompile").addHandler(logging.NullHandler())

@@ -257,6 +257,8 @@ def load(path: str | Path, module: torch.nn.Module) -> CompiledModule:
     loaded._compiled_inputs = named
     loaded._compiled_weights = loaded._weight_kinds()
     loaded._programs[loaded._key(named)] = program
+    if config.check:
+        loaded._unchecked.add(loaded._key(named))
     loaded._current = program
     return loaded
 

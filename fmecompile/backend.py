@@ -63,6 +63,11 @@ class SpecializingGraph:
         program = self.programs.get(key)
         if program is None:
             program = self._compile(args, key)
+            if self.config.check:
+                from .check import checked_call
+
+                return checked_call(lambda: program(*args), lambda: self.gm(*args), self.gm,
+                                    self.config.passes)[0]
         return program(*args)
 
     def _compile(self, args: Sequence[Any], key: Hashable) -> fx.GraphModule:

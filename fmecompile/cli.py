@@ -1,4 +1,4 @@
-"""The `fme` command: `fme demo`, `fme bench`, `fme ablate`, `fme compile`."""
+"""The `fme` command: `fme demo`, `fme bench`, `fme ablate`, `fme compile`, `fme check`."""
 from __future__ import annotations
 
 import argparse
@@ -85,6 +85,20 @@ def _parser() -> argparse.ArgumentParser:
     compile_.add_argument("--memory-budget", help="activation budget, e.g. 1GiB")
     compile_.add_argument("--out", required=True, help="the artifact to write, e.g. svd-unet.fme")
     compile_.set_defaults(run=run_compile)
+
+    check = sub.add_parser("check", help="run the compiled program and eager on the same inputs; report "
+                                         "relative L2 and max-abs per output and flag any beyond the "
+                                         "exactness contract (exit status 1)")
+    _add_case_arguments(check)
+    check.add_argument("--passes", default=",".join(EXACT_PASSES),
+                       help="comma-separated passes, or 'none' for the identity compile")
+    check.add_argument("--spatial-chunks", type=int)
+    check.add_argument("--temporal-chunks", type=int)
+    check.add_argument("--memory-budget", help="activation budget, e.g. 1GiB")
+    check.add_argument("--float64", action="store_true",
+                       help="compare a float64 copy (CPU): the rewrite's own error, without fp rounding")
+    check.add_argument("--json", help="also write the result as JSON to this path")
+    check.set_defaults(run=run_check)
     return parser
 
 
@@ -197,6 +211,29 @@ def run_compile(args: argparse.Namespace) -> int:
           f"{','.join(config.passes) or 'none'}, compiled in {compiled.compile_seconds:.1f}s; load it with "
           f"fmecompile.load({str(path)!r}, model)")
     return 0
+
+
+def run_check(args: argparse.Namespace) -> int:
+    from .check import check
+    from .compiled import CompiledModule, split_method
+    from .compiled import compile as compile_module
+
+    case = _case_from_arguments(args)
+    config = _config_from_arguments(args)
+    model = zoo.build_model(case.model, dtype=case.torch_dtype, device=case.device, seed=case.seed)
+    inputs = zoo.example_inputs(case.model, batch=case.batch, frames=case.frames, height=case.height,
+                                width=case.width, dtype=case.torch_dtype, device=case.device, seed=case.seed)
+    target = zoo.compile_target(case.model, model)
+    if args.float64:  # check compiles the float64 copy; nothing to compile here
+        module, method = split_method(target)
+        compiled = CompiledModule(module, config, method)
+    else:
+        compiled = compile_module(target, kwargs=inputs, config=config)
+    result = check(compiled, inputs, float64=args.float64)
+    print(result)
+    if args.json:
+        print(f"wrote {write_json(result.to_dict(), args.json)}")
+    return 0 if result.ok else 1
 
 
 def run_ablate(args: argparse.Namespace) -> int:

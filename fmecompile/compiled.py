@@ -161,6 +161,8 @@ class CompiledModule(torch.nn.Module):
         self._signature = inspect.signature(getattr(module, method))
         self._programs: dict[Hashable, Program] = {}
         self._current: Program | None = None
+        self._unchecked: set[Hashable] = set()  # signatures Config(check=True) has yet to check
+        self.checks: list = []  # their CheckResults, in order
         self.steps = StepRunner(config) if "rehash" in config.passes else None
         if self.steps is not None and TIMESTEP_ARGUMENT not in self._signature.parameters:
             raise ConfigError(f"rehash counts denoising steps by a `{TIMESTEP_ARGUMENT}` argument, and "
@@ -170,11 +172,24 @@ class CompiledModule(torch.nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         bound = self.bind(args, kwargs)
-        program = self._programs.get(self._key(bound))
+        key = self._key(bound)
+        program = self._programs.get(key)
         if program is None:
             program = self._specialize(bound)
         self._current = program
+        if key in self._unchecked:
+            self._unchecked.discard(key)
+            return self._checked_call(program, bound)
         return program(bound, self.steps)
+
+    def _checked_call(self, program: Program, bound: dict[str, Any]) -> Any:
+        from .check import checked_call
+
+        out, result = checked_call(lambda: program(bound, self.steps),
+                                   lambda: getattr(self.module, self.method)(**bound),
+                                   self.module, self.fme_config.passes)
+        self.checks.append(result)
+        return out
 
     def bind(self, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
         """The call's arguments by name, defaults filled in, as the module would see them."""
@@ -219,6 +234,8 @@ class CompiledModule(torch.nn.Module):
         """Compiles `captured` with this module's config and keeps it for `named`'s signature."""
         program = Program.compile(captured, self.fme_config, self.module)
         self._programs[self._key(named)] = program
+        if self.fme_config.check:
+            self._unchecked.add(self._key(named))
         self._current = program
         return program
 
