@@ -1,6 +1,9 @@
 """Every video model class diffusers ships that builds small on CPU, at tiny sizes with
 seeded random weights (nothing downloaded), and keyword inputs for the method that is
-compiled. `build(name, dtype)` -> (compiled target, inputs)."""
+compiled. `build(name, dtype)` -> (compiled target, inputs).
+
+Sizes: the UNets take 2 frames of 4x4 latents (32 px) with batch 2 (guidance), so that 3
+chunks divide neither the 4 frames nor the 16 pixels; the VAEs decode 8x8 latents to 16 px."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -32,7 +35,7 @@ def _svd_unet() -> torch.nn.Module:
 
 
 def _svd_inputs(randn):
-    return dict(sample=randn(2, 3, 8, 8, 8), timestep=torch.tensor(0.7), encoder_hidden_states=randn(2, 1, 16),
+    return dict(sample=randn(2, 2, 8, 4, 4), timestep=torch.tensor(0.7), encoder_hidden_states=randn(2, 1, 16),
                 added_time_ids=torch.tensor([[6.0, 127.0, 0.02]] * 2))
 
 
@@ -52,7 +55,7 @@ def _motion_sdxl_unet() -> torch.nn.Module:
 
 
 def _motion_inputs(randn):
-    return dict(sample=randn(2, 4, 3, 8, 8), timestep=torch.tensor(500.0), encoder_hidden_states=randn(6, 7, 16))
+    return dict(sample=randn(2, 4, 2, 4, 4), timestep=torch.tensor(500.0), encoder_hidden_states=randn(4, 7, 16))
 
 
 def _motion_sdxl_inputs(randn):
@@ -70,7 +73,7 @@ def _unet3d() -> torch.nn.Module:
 
 
 def _unet3d_inputs(randn):
-    return dict(sample=randn(2, 4, 3, 8, 8), timestep=torch.tensor(500.0), encoder_hidden_states=randn(2, 7, 16))
+    return dict(sample=randn(2, 4, 2, 4, 4), timestep=torch.tensor(500.0), encoder_hidden_states=randn(2, 7, 16))
 
 
 def _i2vgen() -> torch.nn.Module:
@@ -83,8 +86,8 @@ def _i2vgen() -> torch.nn.Module:
 
 
 def _i2vgen_inputs(randn):
-    return dict(sample=randn(2, 4, 3, 8, 8), timestep=torch.tensor(500.0), fps=torch.tensor([8.0, 8.0]),
-                image_latents=randn(2, 4, 3, 8, 8), image_embeddings=randn(2, 16),
+    return dict(sample=randn(2, 4, 2, 4, 4), timestep=torch.tensor(500.0), fps=torch.tensor([8.0, 8.0]),
+                image_latents=randn(2, 4, 2, 4, 4), image_embeddings=randn(2, 16),
                 encoder_hidden_states=randn(2, 7, 16))
 
 
