@@ -228,7 +228,9 @@ def _replaces_an_output(node: fx.Node, members: dict[fx.Node, Slicing]) -> bool:
 
 
 def _producers(node: fx.Node) -> list[fx.Node]:
-    return list(node.all_input_nodes)
+    """Producers, a getitem standing for its multi-output producer (a getitem joins a
+    region only with its producer: alone, its chunk would read a value never computed)."""
+    return [p.args[0] if p.target is operator.getitem else p for p in node.all_input_nodes]
 
 
 def _users(node: fx.Node) -> list[fx.Node]:
