@@ -253,3 +253,29 @@ def test_attention_on_unbound_qkv_between_convolutions_is_sliced_exactly():
     compiled, error = compile_and_compare(model, video, fme.Config(passes=("slice",)))
     assert error <= FP64_TOLERANCE
     assert compiled.report["slice"]["by_kind"]["spatial"] > 0
+
+
+class ChannelWriteThenTemporalConv(torch.nn.Module):
+    """Found by the fuzzer: a batch loop took `y = x * 1.5` and `x + y` but left the in-place
+    write `y[:, :4] += x[:, 4:]` between them outside, so the loop read y before the write
+    (relative error 0.28). Storages written in place now keep their ops out of loops."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv3d(C, C, (3, 1, 1), padding=(1, 0, 0))
+
+    def forward(self, video):
+        x = video.flatten(0, 1)
+        y = x * 1.5
+        y[:, : C // 2] += x[:, C // 2:]
+        x = x + y
+        v = x.unflatten(0, video.shape[:2]).permute(0, 2, 1, 3, 4)
+        return (x + self.conv(v).permute(0, 2, 1, 3, 4).flatten(0, 1)).unflatten(0, video.shape[:2])
+
+
+def test_a_storage_written_in_place_is_not_read_early_by_a_loop():
+    torch.manual_seed(0)
+    model = ChannelWriteThenTemporalConv().to(torch.float64).eval()
+    video = torch.randn(2, 2, C, 10, 9, dtype=torch.float64)
+    _, error = compile_and_compare(model, video, fme.Config(passes=("slice",)))
+    assert error <= FP64_TOLERANCE
