@@ -169,7 +169,7 @@ def ops(frames: int):
     """Strategies for one op of the grammar; the ops that give the slicer something to chunk
     (convolutions, norms, attention) are drawn more often than the whole-tensor ones."""
     conv2d = st.builds(Conv2d, st.just(frames), st.sampled_from([3, 1]),
-                       st.sampled_from(["zeros", "replicate", "reflect"]), st.sampled_from([4, 1]))
+                       st.sampled_from(["zeros", "replicate", "reflect"]), st.just(4))
     conv3d = st.builds(Conv3d, st.just(frames), st.booleans(), st.booleans())
     norm = st.builds(Norm, st.just(frames), st.sampled_from(["spatial", "temporal", "layer"]), st.sampled_from([2, 4]))
     attention = st.builds(Attention, st.just(frames), st.sampled_from(["frames", "pixels"]),
@@ -199,13 +199,16 @@ class Program(torch.nn.Module):
 
 @st.composite
 def programs(draw):
-    # hypothesis starts from the first option of each choice: the first ones are the
-    # shapes and blocks that give the slicer loops to emit, the later ones the corner cases
-    batch, frames = draw(st.sampled_from([2, 2, 1])), draw(st.sampled_from([3, 2, 5, 3, 2, 5, 1]))
-    height, width = draw(st.sampled_from([10, 8, 7, 12, 4])), draw(st.sampled_from([9, 10, 6, 12, 4]))
+    # Four programs in five have the sizes at which the slicer finds loops worth emitting;
+    # the fifth covers the corners: a single sample or frame, frames of a few pixels.
+    corner = draw(st.integers(0, 4)) == 4
+    batch = draw(st.sampled_from([1, 2] if corner else [2]))
+    frames = draw(st.sampled_from([1, 3] if corner else [3, 2, 5]))
+    height = draw(st.sampled_from([3, 8] if corner else [10, 8, 7, 12]))
+    width = draw(st.sampled_from([4, 9] if corner else [9, 10, 6, 12]))
     torch.manual_seed(draw(st.integers(0, 2**16)))
     layers = draw(st.lists(ops(frames), min_size=2, max_size=5))
-    if not draw(st.booleans()):
+    if draw(st.integers(0, 3)) < 3:
         # Most programs open with a temporal convolution, as 3D UNets and VAEs do: it is what
         # tells the slicer that the leading axis holds frames (a model whose only frame-mixing
         # op is a temporal norm or attention has them named "batch" and gets no frame loops).
