@@ -133,8 +133,9 @@ def test_float64_is_exact_and_never_above_the_identity_peak(case):
     if "group" in passes:  # nothing to fuse in float64: the group kernels take fp16/bf16/fp32
         assert compiled.report["group"]["fused"] == 0 and compiled.report["group"]["reason"]
     report = compiled.report["slice"]
+    unchanged = f"; unchanged: {report['reason']}" if not report["regions"] else ""
     print(f"{case_id(case)}: regions {report['by_kind']}, error {output_error(out, model.eager)[0]:.1e}, "
-          f"peak {peak / model.identity_peak:.3f}x identity{'; unchanged: ' + report['reason'] if not report['regions'] else ''}")
+          f"peak {peak / model.identity_peak:.3f}x identity{unchanged}")
     assert peak <= model.identity_peak, (
         f"activation peak {peak} above the identity compile's {model.identity_peak}; predicted "
         f"{report['predicted_peak_bytes']} from {report['predicted_peak_before_bytes']}")

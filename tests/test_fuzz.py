@@ -233,7 +233,8 @@ def compile_and_compare(model, video, config):
     return compiled, output_error(got, want)[0]
 
 
-@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@settings(max_examples=EXAMPLES, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(programs())
 def test_random_programs_compile_exactly(case):
     model, video, config = case
