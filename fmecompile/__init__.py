@@ -10,6 +10,8 @@ outputs.
 import logging
 
 from .artifacts import load, save
+from .check import check
+from .contract import CheckResult, CheckWarning
 from .compiled import CompiledModule, compile
 from .config import Config
 from .errors import ArtifactError, CaptureError, ConfigError, FmeError, InputError
@@ -20,6 +22,6 @@ from .version import __version__
 
 __all__ = ["CompiledModule", "compile", "Config", "FmeError", "ConfigError", "CaptureError",
            "InputError", "__version__", "save", "load", "ArtifactError", "optimize", "restore",
-           "calibrate", "Calibration", "set_verbosity"]
+           "calibrate", "Calibration", "set_verbosity", "check", "CheckResult", "CheckWarning"]
 
 logging.getLogger("fmecompile").addHandler(logging.NullHandler())

@@ -24,6 +24,7 @@ from fmecompile.passes.manager import check_passes_available, run_passes
 
 from .capture import capture_dynamo, dynamo_input_roles
 from .config import Config
+from .contract import checked_call
 from .errors import ConfigError
 
 log = logging.getLogger("fmecompile")
@@ -86,6 +87,9 @@ class SpecializingGraph:
         program = self.programs.get(key)
         if program is None:
             program = self._compile(args, key)
+            if self.config.check:
+                return checked_call(lambda: program(*args), lambda: self.gm(*args), self.gm,
+                                    self.config.passes)[0]
         return program(*args)
 
     def _compile(self, args: Sequence[Any], key: Hashable) -> fx.GraphModule:

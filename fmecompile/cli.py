@@ -1,4 +1,4 @@
-"""The `fme` command: `fme demo`, `fme bench`, `fme ablate`, `fme compile`."""
+"""The `fme` command: `fme demo`, `fme bench`, `fme ablate`, `fme compile`, `fme check`."""
 from __future__ import annotations
 
 import argparse
@@ -12,7 +12,8 @@ from typing import Sequence
 import torch
 
 from .artifacts import save
-from .compiled import CompiledModule
+from .check import check
+from .compiled import CompiledModule, split_method
 from .compiled import compile as compile_module
 from .config import EXACT_PASSES, Config, parse_bytes
 from .errors import ConfigError, FmeError
@@ -22,6 +23,7 @@ from .tools.bench import BASELINES, DTYPES, Case, Variant, compare, format_table
 from .tools.pipeline_bench import PipelineCase, compare_pipelines, default_settings
 from .tools.pipeline_bench import format_table as format_pipeline_table
 from .tools.pipelines import PIPELINES, build_pipeline, compile_for_pipeline
+from .version import __version__
 from .progress import set_verbosity
 
 
@@ -49,15 +51,19 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def _parser() -> argparse.ArgumentParser:
-    from . import __version__
-
     parser = argparse.ArgumentParser(prog="fme", description=__doc__, formatter_class=_HelpFormatter)
     parser.add_argument("--version", action="version", version=f"fmecompile {__version__} (torch {torch.__version__})")
     parser.add_argument("-q", "--quiet", action="store_true",
                         help="no progress messages (by default each phase prints a line on stderr)")
     sub = parser.add_subparsers(required=True, metavar="command")
     sub.add_parser = functools.partial(sub.add_parser, formatter_class=_HelpFormatter)
+    _add_measuring_commands(sub)
+    _add_artifact_commands(sub)
+    return parser
 
+
+def _add_measuring_commands(sub) -> None:
+    """demo, bench and ablate."""
     demo = sub.add_parser("demo", help="compile a small SVD UNet on CPU with every exact pass "
                                        "combination and compare with eager")
     demo.add_argument("--json", help="also write the results as JSON to this path")
@@ -94,6 +100,9 @@ def _parser() -> argparse.ArgumentParser:
     ablate.add_argument("--out", default=".", help="folder for ablation-<case>.md/.json/.png")
     ablate.set_defaults(run=run_ablate)
 
+
+def _add_artifact_commands(sub) -> None:
+    """compile and check."""
     compile_ = sub.add_parser("compile", help="compile a model for one input signature, or a pipeline's "
                                               "UNet for the signatures that pipeline calls it with, and "
                                               "save the artifact (load it with fmecompile.load(path, model))")
@@ -106,7 +115,18 @@ def _parser() -> argparse.ArgumentParser:
     _add_chunk_arguments(compile_)
     compile_.add_argument("--out", required=True, help="the artifact to write, e.g. svd-unet.fme")
     compile_.set_defaults(run=run_compile)
-    return parser
+
+    checking = sub.add_parser("check", help="run the compiled program and eager on the same inputs; report "
+                                            "relative L2 and max-abs per output and flag any beyond the "
+                                            "exactness contract (exit status 1)")
+    _add_case_arguments(checking)
+    checking.add_argument("--passes", default=",".join(EXACT_PASSES),
+                          help="comma-separated passes, or 'none' for the identity compile")
+    _add_chunk_arguments(checking)
+    checking.add_argument("--float64", action="store_true",
+                          help="compare a float64 copy (CPU): the rewrite's own error, without fp rounding")
+    checking.add_argument("--json", help="also write the result as JSON to this path")
+    checking.set_defaults(run=run_check)
 
 
 def _add_case_arguments(parser: argparse.ArgumentParser, model_required: bool = True) -> None:
@@ -238,6 +258,25 @@ def _compile_pipeline_unet(args: argparse.Namespace, config: Config) -> tuple[Co
     pipe = build_pipeline(args.pipeline, tiny=args.tiny, dtype=DTYPES[dtype], device=device, seed=args.seed)
     compiled = compile_for_pipeline(args.pipeline, pipe, config, frames=frames, height=height, width=width)
     return compiled, f"the {args.pipeline} pipeline's UNet ({frames} frames, {height}x{width}, {dtype})", "pipe.unet"
+
+
+def run_check(args: argparse.Namespace) -> int:
+    case = _case_from_arguments(args)
+    config = _config_from_arguments(args)
+    model = zoo.build_model(case.model, dtype=case.torch_dtype, device=case.device, seed=case.seed)
+    inputs = zoo.example_inputs(case.model, batch=case.batch, frames=case.frames, height=case.height,
+                                width=case.width, dtype=case.torch_dtype, device=case.device, seed=case.seed)
+    target = zoo.compile_target(case.model, model)
+    if args.float64:  # check compiles the float64 copy; nothing to compile here
+        module, method = split_method(target)
+        compiled = CompiledModule(module, config, method)
+    else:
+        compiled = compile_module(target, kwargs=inputs, config=config)
+    result = check(compiled, inputs, float64=args.float64)
+    print(result)
+    if args.json:
+        print(f"wrote {write_json(result.to_dict(), args.json)}")
+    return 0 if result.ok else 1
 
 
 def run_ablate(args: argparse.Namespace) -> int:

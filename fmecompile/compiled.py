@@ -23,6 +23,7 @@ from fmecompile.passes.manager import check_passes_available
 
 from .capture import Captured, capture_module
 from .config import Config
+from .contract import checked_call
 from .errors import ConfigError, FmeError, InputError
 from .messages import describe_inputs
 from .rehash import TIMESTEP_ARGUMENT, StepRunner
@@ -57,6 +58,8 @@ class CompiledModule(torch.nn.Module):
         self._signature = inspect.signature(getattr(module, method))
         self._programs: dict[Hashable, Program] = {}
         self._current: Program | None = None
+        self._unchecked: set[Program] = set()  # programs Config(check=True) has yet to check
+        self.checks: list = []  # their CheckResults, in order
         self.steps = StepRunner(config) if "rehash" in config.passes else None
         if self.steps is not None and TIMESTEP_ARGUMENT not in self._signature.parameters:
             raise ConfigError(f"rehash counts denoising steps by a `{TIMESTEP_ARGUMENT}` argument, and "
@@ -66,7 +69,7 @@ class CompiledModule(torch.nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         bound = self.bind(args, kwargs)
-        return self._program_of(bound)(bound)
+        return self._call(self._program_of(bound), bound)
 
     def program_for(self, *args: Any, **kwargs: Any) -> Program:
         """The program that serves this call, compiled if it is new; nothing runs."""
@@ -78,6 +81,17 @@ class CompiledModule(torch.nn.Module):
             program = self._specialize(bound)
         self._current = program
         return program
+
+    def _call(self, program: Program, bound: dict[str, Any]) -> Any:
+        """Runs the program; the first run of a signature under Config(check=True) is
+        compared with eager (contract.checked_call)."""
+        if program not in self._unchecked:
+            return program(bound)
+        self._unchecked.discard(program)
+        out, result = checked_call(lambda: program(bound), lambda: getattr(self.module, self.method)(**bound),
+                                   self.module, self.fme_config.passes)
+        self.checks.append(result)
+        return out
 
     def bind(self, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
         """The call's arguments by name, defaults filled in, as the module would see them."""
@@ -126,6 +140,8 @@ class CompiledModule(torch.nn.Module):
         """Keeps an already compiled program (one loaded from an artifact, built with this
         module's `steps`) for `named`'s signature."""
         self._programs[self._key(named)] = program
+        if self.fme_config.check:
+            self._unchecked.add(program)
         self._current = program
         return program
 

@@ -40,6 +40,11 @@ class Config:
         DeepCache-like deeper cut); None: the paper's point, the output of the last up
         block (its last temporal layers).
     group_patterns: which of the group pass's patterns (GROUP_PATTERNS) to fuse; None: all.
+    check: on the first call of each new input signature also run eager on the same inputs
+        and compare (fmecompile.check); an output beyond the exactness contract issues a
+        fmecompile.CheckWarning (a warning, not an error: in an ill-conditioned fp32 model
+        rounding alone can exceed a fixed bound; check(..., float64=True) tells them apart).
+        Costs one eager call per signature.
     """
 
     passes: tuple[str, ...] = EXACT_PASSES
@@ -53,6 +58,7 @@ class Config:
     rehash_threshold: float | None = None
     cache_point: str | None = None
     group_patterns: tuple[str, ...] | None = None
+    check: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "passes", _normalize_passes(self.passes))
@@ -64,6 +70,8 @@ class Config:
             except ConfigError as err:
                 raise ConfigError(f"memory_budget: {err}") from None
         _check_positive_int("memory_budget", self.memory_budget)
+        if not isinstance(self.check, bool):
+            raise ConfigError(f"check must be True or False, got {self.check!r}")
         if self.schedule is not None:
             object.__setattr__(self, "schedule", _normalize_schedule(self.schedule))
         self._check_rehash_fields()

@@ -1,7 +1,9 @@
-"""Short texts of inputs and errors for fmecompile's error messages."""
+"""Text and log helpers of the library and its tooling: short texts of inputs and errors
+for error messages, markdown tables, and quieting Hugging Face libraries' loggers."""
 from __future__ import annotations
 
-from typing import Any
+import contextlib
+from typing import Any, Sequence
 
 import torch
 
@@ -24,3 +26,27 @@ def first_line(err: BaseException) -> str:
     text = str(err).strip().splitlines()
     return f"{type(err).__name__}: {text[0] if text else ''}"
 
+
+def markdown_table(header: Sequence[str], lines: Sequence[Sequence[Any]]) -> list[str]:
+    """The lines of a markdown table, its columns padded to their widest cell."""
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *lines)]
+    fmt = lambda cells: "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
+    return [fmt(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(fmt, lines)]
+
+
+@contextlib.contextmanager
+def errors_only(library_logging):
+    """Only errors from a Hugging Face library's logger (`diffusers.utils.logging`,
+    `transformers.utils.logging`) while inside."""
+    level = library_logging.get_verbosity()
+    library_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        library_logging.set_verbosity(level)
+
+
+def quiet_diffusers():
+    from diffusers.utils import logging as diffusers_logging
+
+    return errors_only(diffusers_logging)

@@ -13,6 +13,11 @@ if not torch.cuda.is_available():
 os.environ.setdefault("FME_STRICT", "1")
 
 import pytest  # noqa: E402
+from hypothesis import settings  # noqa: E402
+
+# `--hypothesis-profile=long`: the fuzzer (test_fuzz.py) draws 1,000 programs instead of its
+# default 50; other property tests keep their own example counts.
+settings.register_profile("long", max_examples=1000, deadline=None)
 
 from fmecompile.tools import zoo  # noqa: E402
 

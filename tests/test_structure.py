@@ -24,9 +24,10 @@ LAYERS = [
     ("config", ("fmecompile.config",)),
     ("capture and kernels", ("fmecompile.diagnose", "fmecompile.capture", "fmecompile.kernels.*")),
     ("passes", ("fmecompile.passes.*",)),
-    ("runtime", ("fmecompile.rehash", "fmecompile.runtime", "fmecompile.compiled", "fmecompile.backend")),
+    ("runtime", ("fmecompile.contract", "fmecompile.rehash", "fmecompile.runtime", "fmecompile.compiled",
+                 "fmecompile.backend")),
     ("artifacts", ("fmecompile.graph_file", "fmecompile.artifacts")),
-    ("api", ("fmecompile.optimize", "fmecompile")),  # the bare package: the public API
+    ("api", ("fmecompile.check", "fmecompile.optimize", "fmecompile")),  # the bare package: the public API
     ("tooling", ("fmecompile.tools.*",)),
     ("cli", ("fmecompile.cli",)),
 ]

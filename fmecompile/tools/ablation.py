@@ -20,7 +20,8 @@ import torch
 from ..config import EXACT_PASSES, Config
 from ..errors import ConfigError
 from . import zoo
-from .bench import ROW_HEADER, Case, Variant, compare, markdown_table, row_cells, write_json
+from ..messages import markdown_table
+from .bench import ROW_HEADER, Case, Variant, compare, row_cells, write_json
 from .plots import Color, Point, write_scatter
 
 DEFAULT_CHUNKS = (2, 4, 8)

@@ -23,6 +23,7 @@ from ..capture import capture_module
 from ..compiled import CompiledModule, split_method
 from ..config import Config
 from ..errors import ConfigError
+from ..messages import markdown_table
 from ..version import __version__
 from . import zoo
 from .meters import MemoryReading, count_flops, measure_memory, time_call
@@ -294,13 +295,6 @@ def row_cells(row: dict[str, Any], stock: dict[str, Any]) -> list[str]:
             "-" if row["compile_s"] is None else f"{row['compile_s']:.1f}",
             f"{row['rel_l2']:.2e}",
             f"{row['max_abs']:.2e}"]
-
-
-def markdown_table(header: Sequence[str], lines: Sequence[Sequence[Any]]) -> list[str]:
-    """The lines of a markdown table, its columns padded to their widest cell."""
-    widths = [max(len(str(x)) for x in col) for col in zip(header, *lines)]
-    fmt = lambda cells: "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
-    return [fmt(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(fmt, lines)]
 
 
 def memory_cells(row: dict[str, Any], stock: dict[str, Any]) -> list[str]:

@@ -18,7 +18,8 @@ from ..config import Config
 from ..errors import InputError
 from ..optimize import optimize, restore
 from . import pipelines
-from .bench import DTYPES, environment, markdown_table, memory_cells, output_error
+from ..messages import markdown_table
+from .bench import DTYPES, environment, memory_cells, output_error
 from .meters import measure_memory, time_call
 
 log = logging.getLogger("fmecompile")

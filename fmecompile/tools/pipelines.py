@@ -22,6 +22,7 @@ import torch.utils._pytree as pytree
 from ..compiled import CompiledModule
 from ..config import Config
 from ..errors import ConfigError, InputError
+from ..messages import errors_only, quiet_diffusers
 from . import zoo
 
 PIPELINES = ("svd", "animatediff")
@@ -52,7 +53,7 @@ def build_pipeline(name: str, *, tiny: bool = False, dtype: torch.dtype = torch.
         raise ConfigError("building the pipelines needs transformers (their CLIP encoders): "
                           "pip install 'fmecompile[pipelines]'") from None
     builder = _build_svd if name == "svd" else _build_animatediff
-    with zoo._quiet_diffusers(), _quiet_transformers():
+    with quiet_diffusers(), _quiet_transformers():
         pipe = builder(tiny, dtype, device, seed)
         pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -214,7 +215,7 @@ def _quiet_transformers():
     # PIL implementation: the same preprocessing.
     from transformers.utils import logging as transformers_logging
 
-    return zoo.errors_only(transformers_logging)
+    return errors_only(transformers_logging)
 
 
 def _ready(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:

@@ -18,6 +18,7 @@ from typing import Any, Callable
 import torch
 
 from ..errors import ConfigError, InputError
+from ..messages import quiet_diffusers
 
 TINY_SUFFIX = "-tiny"
 
@@ -80,7 +81,7 @@ def build_model(name: str, *, dtype: torch.dtype = torch.float32, device: str | 
                 seed: int = 0) -> torch.nn.Module:
     """The model `name` in eval mode, random weights drawn from `seed` on `device`."""
     entry, tiny = parse_name(name)
-    with _seeded(seed, device), torch.device(device), _quiet_diffusers():
+    with _seeded(seed, device), torch.device(device), quiet_diffusers():
         model = _BUILDERS[entry.name](entry, tiny)
         # diffusers logs a note about fp32-kept modules on every cast; these have none.
         model = model.to(dtype=dtype)
@@ -196,19 +197,3 @@ def _seeded(seed: int, device: str | torch.device):
         yield
 
 
-@contextlib.contextmanager
-def errors_only(library_logging):
-    """Only errors from a Hugging Face library's logger (`diffusers.utils.logging`,
-    `transformers.utils.logging`) while inside."""
-    level = library_logging.get_verbosity()
-    library_logging.set_verbosity_error()
-    try:
-        yield
-    finally:
-        library_logging.set_verbosity(level)
-
-
-def _quiet_diffusers():
-    from diffusers.utils import logging as diffusers_logging
-
-    return errors_only(diffusers_logging)
