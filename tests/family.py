@@ -11,7 +11,7 @@ from typing import Any, Callable
 
 import torch
 
-from fmecompile.tools import zoo
+from fmecompile.messages import quiet_diffusers
 
 G = 32  # the blocks hard-code 32 GroupNorm groups: channels stay multiples of 32
 
@@ -177,7 +177,7 @@ def build(name: str, dtype: torch.dtype = torch.float64, inputs: Callable | None
     """The member's compiled target (module or bound decode) in `dtype`, eval mode, weights
     from `seed`, and its inputs (floating tensors in `dtype`)."""
     member = MEMBERS[name]
-    with torch.random.fork_rng(devices=[]), zoo._quiet_diffusers():
+    with torch.random.fork_rng(devices=[]), quiet_diffusers():
         torch.manual_seed(seed)
         model = member.build().to(dtype).eval().requires_grad_(False)
     generator = torch.Generator().manual_seed(seed + 1)

@@ -240,8 +240,10 @@ def test_random_programs_compile_exactly(case):
     model, video, config = case
     compiled, error = compile_and_compare(model, video, config)
     report = compiled.report["slice"]
-    event(f"regions: {', '.join(k for k, v in report['by_kind'].items() if v) or 'none'}")
-    assert error <= FP64_TOLERANCE, (error, config, model, report["region_list"])
+    # a graph the passes cannot reason about (in-place writes) is left as captured, with a reason
+    by_kind = report.get("by_kind", {})
+    event(f"regions: {', '.join(k for k, v in by_kind.items() if v) or 'none'}")
+    assert error <= FP64_TOLERANCE, (error, config, model, report.get("region_list", report.get("reason")))
 
 
 def test_attention_on_unbound_qkv_between_convolutions_is_sliced_exactly():
@@ -262,7 +264,7 @@ def test_attention_on_unbound_qkv_between_convolutions_is_sliced_exactly():
 class ChannelWriteThenTemporalConv(torch.nn.Module):
     """Found by the fuzzer: a batch loop took `y = x * 1.5` and `x + y` but left the in-place
     write `y[:, :4] += x[:, 4:]` between them outside, so the loop read y before the write
-    (relative error 0.28). Storages written in place now keep their ops out of loops."""
+    (relative error 0.28). A graph with in-place writes is now left as captured (analyzable.py)."""
 
     def __init__(self) -> None:
         super().__init__()

@@ -104,11 +104,7 @@ def find_regions(gm: fx.GraphModule, analysis: AxisAnalysis, candidates: Candida
     groups: list[dict[fx.Node, Slicing]] = []
     axes: list[tuple[Axis, str]] = []
     owner: dict[fx.Node, int] = {}
-    # In-place writes order reads of a storage by position, not by data flow, which regions
-    # do not see: ops producing or reading a storage that is written in place stay out.
-    blocked = touching_mutated_storage(gm.graph, alias)
-    choices = {n: c for n in gm.graph.nodes if n.op == "call_function" and n not in blocked
-               and (c := candidates(n))}
+    choices = {n: c for n in gm.graph.nodes if n.op == "call_function" and (c := candidates(n))}
     for count in sorted({len(c) for c in choices.values()}):
         queue: deque[tuple[fx.Node, int]] = deque()
         for seed, options in choices.items():
@@ -119,13 +115,13 @@ def find_regions(gm: fx.GraphModule, analysis: AxisAnalysis, candidates: Candida
             groups.append({seed: s})
             axes.append((axis, kind))
             queue.append((seed, owner[seed]))
-        _grow(queue, groups, axes, owner, _users, analysis, order, blocked, _replaces_an_output)
+        _grow(queue, groups, axes, owner, _users, analysis, order, _replaces_an_output)
     # Then backwards into producers, then anywhere. A value is best computed in the loop
     # that computes its inputs if it replaces one of them as the loop's output; if they
     # stay outputs anyway (other ops need them whole), joining would add an output, and
     # the value is better computed in its users' loop.
     for step in (_producers, _neighbours):
-        _grow(deque(owner.items()), groups, axes, owner, step, analysis, order, blocked)
+        _grow(deque(owner.items()), groups, axes, owner, step, analysis, order)
     merged = _merge(groups, axes, order)
     regions = [_region(members, axis, kind, analysis, order, alias) for members, (axis, kind) in merged]
     return sorted(regions, key=lambda r: order[r.nodes[0]])
@@ -217,26 +213,16 @@ def rebuild(region: Region, nodes: list[fx.Node], analysis: AxisAnalysis, order:
 
 def _grow(queue: deque, groups: list[dict[fx.Node, Slicing]], axes: list[tuple[Axis, str]],
           owner: dict[fx.Node, int], step: Callable[[fx.Node], list[fx.Node]], analysis: AxisAnalysis,
-          order: dict[fx.Node, int], blocked: set[fx.Node],
-          wanted: Callable[[fx.Node, dict], bool] = lambda node, members: True) -> None:
+          order: dict[fx.Node, int], wanted: Callable[[fx.Node, dict], bool] = lambda node, members: True) -> None:
     """Grows the queued regions together, one `step` at a time, into unowned ops."""
     while queue:
         node, rid = queue.popleft()
         for other in step(node):
-            if other in owner or other in blocked or other.op != "call_function" or not wanted(other, groups[rid]):
+            if other in owner or other.op != "call_function" or not wanted(other, groups[rid]):
                 continue
             for new in _try_join(other, groups[rid], axes[rid][0], analysis, order):
                 owner[new] = rid
                 queue.append((new, rid))
-
-
-def touching_mutated_storage(graph: fx.Graph, alias: dict[fx.Node, fx.Node]) -> set[fx.Node]:
-    """Nodes that produce or read a storage an in-place op writes (by alias class)."""
-    written = {alias[n.args[0]] for n in graph.nodes
-               if n.op == "call_function" and getattr(n.target, "_schema", None) is not None
-               and n.target._schema.is_mutable and n.args and isinstance(n.args[0], fx.Node)}
-    return {n for n in graph.nodes
-            if alias[n] in written or any(alias[i] in written for i in n.all_input_nodes)}
 
 
 def _replaces_an_output(node: fx.Node, members: dict[fx.Node, Slicing]) -> bool:
