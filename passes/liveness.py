@@ -127,6 +127,29 @@ def may_alias_classes(graph: fx.Graph) -> dict[fx.Node, fx.Node]:
     return {node: find(node) for node in graph.nodes}
 
 
+def alias_class(node: fx.Node) -> frozenset[fx.Node]:
+    """The nodes that may share `node`'s storage: its class in may_alias_classes, found by
+    walking the same alias edges from `node` in both directions. Cheap for one value, where
+    a walk of the whole graph per question is not (the slicer asks once per loop)."""
+    seen, stack = {node}, [node]
+    while stack:
+        current = stack.pop()
+        for other in [*aliased_inputs(current), *(u for u in current.users if current in aliased_inputs(u))]:
+            if other not in seen:
+                seen.add(other)
+                stack.append(other)
+    return frozenset(seen)
+
+
+def class_lookup(alias: dict[fx.Node, fx.Node]) -> Callable[[fx.Node], frozenset[fx.Node]]:
+    """alias_class answered from may_alias_classes' result, for many questions on one graph."""
+    members: dict[fx.Node, set[fx.Node]] = {}
+    for node, representative in alias.items():
+        members.setdefault(representative, set()).add(node)
+    frozen = {representative: frozenset(nodes) for representative, nodes in members.items()}
+    return lambda node: frozen[alias[node]]
+
+
 def aliased_inputs(node: fx.Node) -> list[fx.Node]:
     if node.op != "call_function":
         return []

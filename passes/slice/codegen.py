@@ -30,7 +30,7 @@ import fmecompile.kernels  # noqa: F401  (registers fme:: ops)
 
 from fmecompile.ir import REGION, shape as _shape
 
-from ..liveness import may_alias_classes
+from ..liveness import alias_class
 from ..mutation import local_alias_classes, touched_classes
 from ..verify import LoopCheckError
 from .cost import reusable_inputs
@@ -133,7 +133,7 @@ def emit_region(gm: fx.GraphModule, region: Region, chunks: int, tag: Any = None
     emit = Emitter(graph, anchor, fake_mode)
     ranges = chunk_ranges(region.extent, chunks)
     # before any node is emitted
-    reused = reusable_inputs(region.nodes, region.slicings, region.outputs, position, may_alias_classes(graph))
+    reused = reusable_inputs(region.nodes, region.slicings, region.outputs, position, alias_class)
     moments = {node: _moments(emit, node, region.slicings[node].inputs[0], ranges)
                for node in region.nodes if region.slicings[node].two_phase}
     buffers = {out: reused.get(out) or emit(aten.empty.memory_format, (list(_shape(out)),),

@@ -7,7 +7,9 @@ and the intermediates of one chunk at a time.
 """
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.fx as fx
@@ -45,7 +47,8 @@ def region_cost(nodes: list[fx.Node], inputs: list[fx.Node], outputs: list[fx.No
 
 
 def reusable_inputs(nodes: list[fx.Node], slicings: dict[fx.Node, Slicing], outputs: list[fx.Node],
-                    position: dict[fx.Node, int], alias: dict[fx.Node, fx.Node]) -> dict[fx.Node, fx.Node]:
+                    position: dict[fx.Node, int],
+                    class_of: Callable[[fx.Node], frozenset[fx.Node]]) -> dict[fx.Node, fx.Node]:
     """For outputs of the region that can be written into one of its inputs, that input.
 
     Legal when the input's storage is an intermediate (no graph input, weight or constant)
@@ -53,32 +56,26 @@ def reusable_inputs(nodes: list[fx.Node], slicings: dict[fx.Node, Slicing], outp
     it through that one node only, always at the chunk it is computing, with the output's
     shape, dtype and chunk location, and the output does not itself alias it. Then chunk i
     of the output overwrites exactly chunk i of the input, which no later chunk reads.
-    Storage sharing is judged conservatively: `alias` is liveness.may_alias_classes of
-    the graph as it is now (one walk of the graph, shared by all regions found on it);
-    `position` is each node's index in the graph as it is now."""
+    Storage sharing is judged conservatively: `class_of` gives the nodes that may share a
+    node's storage (liveness.alias_class, or liveness.class_lookup for many regions of one
+    graph); `position` is each node's index in the graph as it is now."""
     members = set(nodes)
-    graph = nodes[0].graph
     start = min(position[n] for n in nodes)
     reads: dict[fx.Node, set[Location | None]] = {}
     for node in nodes:
         for arg, loc in zip(tensor_inputs(node), slicings[node].inputs):
             if arg not in members:
                 reads.setdefault(arg, set()).add(loc)
-    sharing: dict[fx.Node, list[fx.Node]] = {}
-    for node in graph.nodes:
-        sharing.setdefault(alias[node], []).append(node)
-    read_classes: dict[fx.Node, int] = {}
-    for node in reads:
-        read_classes[alias[node]] = read_classes.get(alias[node], 0) + 1
+    classes = {node: class_of(node) for node in reads}
+    read_classes = Counter(classes.values())
     reused: dict[fx.Node, fx.Node] = {}
     for out in outputs:
         val, loc = out.meta["val"], slicings[out].outputs[0]
         for inp, locs in reads.items():
-            cls = alias[inp]
-            if (read_classes[cls] > 1 or inp in reused.values() or locs != {loc} or alias[out] == cls
+            aliases = classes[inp]
+            if (read_classes[aliases] > 1 or inp in reused.values() or locs != {loc} or out in aliases
                     or inp.meta["val"].shape != val.shape or inp.meta["val"].dtype != val.dtype):
                 continue
-            aliases = sharing[cls]
             if any(a.op in ("placeholder", "get_attr", "output") for a in aliases):
                 continue
             if any(position[user] >= start and user not in members for a in aliases for user in a.users):

@@ -13,7 +13,7 @@ import torch.fx as fx
 from fmecompile.config import Config
 from fmecompile.ir import module_path, refresh_meta
 
-from ..liveness import may_alias_classes, predicted_peak
+from ..liveness import class_lookup, may_alias_classes, predicted_peak
 from .analysis import analyze
 from .axes import AxisAnalysis
 from .codegen import emit_region
@@ -99,12 +99,12 @@ def apply_plan(gm: fx.GraphModule, plan: SlicePlan, counts: dict[Key, int],
         refresh_meta(gm)
     analysis = analyze(gm) if copies else plan.analysis
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
-    alias = may_alias_classes(gm.graph) if copies else None
+    classes = class_lookup(may_alias_classes(gm.graph)) if copies else None
     emitting = []
     for index, region in enumerate(plan.inner):
         key = ("inner", index)
         for nodes in _instances(region, copies):
-            instance = rebuild(region, nodes, analysis, order, alias) if copies else region
+            instance = rebuild(region, nodes, analysis, order, classes) if copies else region
             if instance is not None and min(counts[key], instance.extent) >= 2:
                 emitting.append((key, instance))
     for key, region in emitting:  # all rebuilt before any is emitted: emitting changes the graph

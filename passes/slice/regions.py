@@ -25,7 +25,7 @@ import torch
 import torch.fx as fx
 from torch.multiprocessing.reductions import StorageWeakRef
 
-from ..liveness import may_alias_classes
+from ..liveness import class_lookup, may_alias_classes
 from .axes import Atom, AxisAnalysis
 from .cost import nbytes, region_cost, reusable_inputs
 from .rules import Expand, Permute, Slicing, View, rule_for, slicing, tensor_inputs
@@ -91,6 +91,7 @@ class Region:
 Axis = tuple[Atom, ...]
 Candidate = tuple[Axis, str, Slicing]  # an axis, its kind, and how the seed is sliced along it
 Candidates = Callable[[fx.Node], list[Candidate]]
+Classes = Callable[[fx.Node], frozenset[fx.Node]]  # the nodes that may share a node's storage
 
 
 def find_regions(gm: fx.GraphModule, analysis: AxisAnalysis, candidates: Candidates,
@@ -100,7 +101,7 @@ def find_regions(gm: fx.GraphModule, analysis: AxisAnalysis, candidates: Candida
     later one takes the axis its already-chunked neighbourhood uses, if it can. Regions
     grow forwards into users first, then backwards (see below)."""
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
-    alias = may_alias_classes(gm.graph)
+    classes = class_lookup(may_alias_classes(gm.graph))
     groups: list[dict[fx.Node, Slicing]] = []
     axes: list[tuple[Axis, str]] = []
     owner: dict[fx.Node, int] = {}
@@ -123,7 +124,7 @@ def find_regions(gm: fx.GraphModule, analysis: AxisAnalysis, candidates: Candida
     for step in (_producers, _neighbours):
         _grow(deque(owner.items()), groups, axes, owner, step, analysis, order)
     merged = _merge(groups, axes, order)
-    regions = [_region(members, axis, kind, analysis, order, alias) for members, (axis, kind) in merged]
+    regions = [_region(members, axis, kind, analysis, order, classes) for members, (axis, kind) in merged]
     return sorted(regions, key=lambda r: order[r.nodes[0]])
 
 
@@ -189,11 +190,11 @@ def batch_candidates(node: fx.Node, analysis: AxisAnalysis) -> list[Candidate]:
 
 
 def rebuild(region: Region, nodes: list[fx.Node], analysis: AxisAnalysis, order: dict[fx.Node, int],
-            alias: dict[fx.Node, fx.Node]) -> Region | None:
+            classes: Classes) -> Region | None:
     """The same region over copies of its nodes (after an outer loop copied them), with
     its axis and slicings read off a new analysis of the graph: the axis is the whole dim
     of the seed's output that held it before. None if a copy can no longer be sliced.
-    `order` and `alias` (liveness.may_alias_classes) describe the graph as it is now."""
+    `order` and `classes` (liveness.class_lookup) describe the graph as it is now."""
     mapping = dict(zip(region.nodes, nodes))
     seed = mapping[region.seed]
     dims = analysis.tensor_dims(seed)
@@ -208,7 +209,7 @@ def rebuild(region: Region, nodes: list[fx.Node], analysis: AxisAnalysis, order:
         slicings[node] = s
     if not all(_edges_sliced(n, s, slicings) for n, s in slicings.items() if n.target is not operator.getitem):
         return None
-    return _region(slicings, axis, region.kind, analysis, order, alias)
+    return _region(slicings, axis, region.kind, analysis, order, classes)
 
 
 def _grow(queue: deque, groups: list[dict[fx.Node, Slicing]], axes: list[tuple[Axis, str]],
@@ -320,13 +321,13 @@ def _is_convex(members: dict | set, order: dict[fx.Node, int]) -> bool:
 
 
 def _region(slicings: dict[fx.Node, Slicing], axis: Axis, kind: str, analysis: AxisAnalysis,
-            order: dict[fx.Node, int], alias: dict[fx.Node, fx.Node]) -> Region:
+            order: dict[fx.Node, int], classes: Classes) -> Region:
     nodes = sorted(slicings, key=order.__getitem__)
     seed = next(n for n in nodes if n.target in SEED_OPS)
     members = _drop_trailing_views(_drop_leading_views(set(nodes), seed), seed)
     nodes = [n for n in nodes if n in members]
     region = Region(seed, axis, kind, _extent(analysis, axis), nodes, {n: slicings[n] for n in nodes})
-    _classify_values(region, members, order, alias)
+    _classify_values(region, members, order, classes)
     return region
 
 
@@ -417,7 +418,7 @@ def _is_alias(node: fx.Node) -> bool:
 
 
 def _classify_values(region: Region, members: set[fx.Node], order: dict[fx.Node, int],
-                     alias: dict[fx.Node, fx.Node]) -> None:
+                     classes: Classes) -> None:
     seen: set[fx.Node] = set()
     for node in region.nodes:
         for source in node.all_input_nodes:
@@ -428,7 +429,7 @@ def _classify_values(region: Region, members: set[fx.Node], order: dict[fx.Node,
         if isinstance(node.meta.get("val"), torch.Tensor) and any(u not in members for u in node.users):
             region.outputs.append(node)
     cost = region_cost(region.nodes, region.inputs, region.outputs, members)
-    reused = reusable_inputs(region.nodes, region.slicings, region.outputs, order, alias)
+    reused = reusable_inputs(region.nodes, region.slicings, region.outputs, order, classes)
     # outputs the loop writes into a dying input's storage cost no new buffer
     region.output_bytes = cost.output_bytes - sum(nbytes(out) for out in reused)
     region.input_bytes = cost.input_bytes
