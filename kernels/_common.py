@@ -46,7 +46,7 @@ def interpreter_ready() -> bool:
         from triton.runtime.interpreter import InterpretedFunction
     except ImportError:
         return False
-    ready = all(isinstance(f, InterpretedFunction) for f in (tl.standard.sum, block_moments))
+    ready = all(isinstance(f, InterpretedFunction) for f in (tl.sum, block_moments))
     if not ready:
         warnings.warn(
             "fmecompile: TRITON_INTERPRET=1 is set but triton was imported before it was (importing "

@@ -103,7 +103,11 @@ def test_optimized_frames_equal_stock_within_rounding(run):
 def test_passes_rewrote_unet_and_decoder(run):
     assert set(run.summary.modules) == {"unet", "vae.decode"}
     for name, module in run.summary.modules.items():
-        assert module.report["slice"]["regions"] > 0, name
+        slice_report = module.report["slice"]
+        # The slicer keeps a plan only if it lowers the program's predicted peak: the UNet's
+        # does; the tiny SVD decoder's loops at 64 px would raise it (1.17x measured).
+        kept_unchanged = name == "vae.decode" and "would not lower" in slice_report.get("reason", "")
+        assert slice_report["regions"] > 0 or kept_unchanged, name
         assert module.report["group"]["fused"] > 0, name
     encoder = "image_encoder" if "image_encoder" in run.summary.left else "text_encoder"
     assert "UNet and the VAE decoder" in run.summary.left[encoder]
