@@ -249,12 +249,14 @@ class LoadedModule(CompiledModule):
 
 def load(path: str | Path, module: torch.nn.Module) -> CompiledModule:
     """The compiled module saved at `path`, bound to the weights of `module` (the model it
-    was compiled from, or one of the same config; for a VAE decoder pass the VAE). Fails with
-    ArtifactError, leaving `module` untouched, if the file is damaged, from an incompatible
-    version, or made for another model."""
+    was compiled from, or one of the same config, or a CompiledModule of it; for a VAE
+    decoder pass the VAE). Fails with ArtifactError, leaving `module` untouched, if the
+    file is damaged, from an incompatible version, or made for another model."""
     import fmecompile.kernels  # noqa: F401  (registers the fme:: ops the graphs call)
 
     path = Path(path)
+    if isinstance(module, CompiledModule):  # pipe.unet while optimized: bind to its weights
+        module = module.module
     if not isinstance(module, torch.nn.Module):
         raise ArtifactError(f"fmecompile.load binds the artifact to the model's weights: pass the "
                             f"nn.Module it was compiled from, got {type(module).__name__}")

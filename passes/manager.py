@@ -87,7 +87,7 @@ def strict() -> bool:
 def _run_checked(spec: PassSpec, gm: fx.GraphModule, config: Config) -> PassResult:
     """Runs one pass and checks the loops of what it returns. fmecompile's own errors (an
     impossible memory budget) reach the user as they are."""
-    original = copy_graph_module(gm)
+    original = copy_graph_module(gm) if spec.in_place else gm
     try:
         result = spec.load()(gm, config)
         if result.modified:

@@ -25,13 +25,17 @@ class PassSpec:
     entry: "module:function". A rewrite is (GraphModule, Config) -> PassResult; a split is
         (GraphModule, Config) -> (graphs by name, report) and runs before the rewrites.
     exact: changes no result beyond floating-point rounding.
-    options: the Config fields only this pass reads."""
+    options: the Config fields only this pass reads.
+    in_place: a rewrite that changes the graph it is given (the manager then keeps a copy
+        to fall back to); one that returns a new graph and leaves its input alone does not
+        need one."""
 
     name: str
     entry: str
     exact: bool
     splits: bool
     options: tuple[str, ...] = ()
+    in_place: bool = False
 
     def load(self) -> Callable[..., Any]:
         module_name, function_name = self.entry.split(":")
@@ -52,7 +56,7 @@ PASSES: tuple[PassSpec, ...] = (
     PassSpec("slice", "fmecompile.passes.slice.slicer:slice_pass", exact=True, splits=False,
              options=("spatial_chunks", "temporal_chunks", "batch_chunks", "memory_budget")),
     PassSpec("group", "fmecompile.passes.group.grouper:group_pass", exact=True, splits=False,
-             options=("group_patterns",)),
+             options=("group_patterns",), in_place=True),
     PassSpec("rehash", "fmecompile.passes.rehash.cut:split", exact=False, splits=True,
              options=("schedule", "num_steps", "full_steps", "rehash_threshold", "cache_point")),
 )

@@ -107,7 +107,9 @@ torch.save(frames, sys.argv[3])
 """
 
 
-@pytest.mark.parametrize("name", ["svd", "animatediff"])
+# AnimateDiff: its PNDM scheduler passes int64 timesteps. SVD's artifact path is covered by
+# fme compile --pipeline below and by README's artifact block (tests/test_readme.py).
+@pytest.mark.parametrize("name", ["animatediff"])
 def test_a_pipeline_artifact_serves_that_pipeline_in_a_fresh_process(name, tmp_path):
     from fmecompile.tools import pipelines
 

@@ -36,6 +36,8 @@ from .regions import BATCH, SPATIAL, TEMPORAL
 
 
 def slice_pass(gm: fx.GraphModule, config: Config) -> PassResult:
+    """Returns a new graph (or `gm` itself, unchanged, when no plan helps): `gm` is only
+    read, so the manager needs no copy of it to fall back to."""
     nodes_before = len(gm.graph.nodes)
     plan = find_plan(gm, config)
     if config.memory_budget is not None:
