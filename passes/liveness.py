@@ -112,6 +112,12 @@ def may_alias_classes(graph: fx.Graph) -> dict[fx.Node, fx.Node]:
     producer's; so does an op whose fake output shares an input's storage. Rewrites change
     strides (a loop's output buffer is contiguous where the value it replaces was not), so
     a reshape recorded as a copy may run as a view: only this conservative answer is safe."""
+    return union_alias_edges(graph.nodes)
+
+
+def union_alias_edges(nodes: Iterable[fx.Node]) -> dict[fx.Node, fx.Node]:
+    """For each of `nodes`, a representative of its class: the classes joined by every
+    alias edge (aliased_inputs) from one of `nodes`."""
     parent: dict[fx.Node, fx.Node] = {}
 
     def find(node: fx.Node) -> fx.Node:
@@ -120,11 +126,12 @@ def may_alias_classes(graph: fx.Graph) -> dict[fx.Node, fx.Node]:
             node = parent[node]
         return node
 
-    for node in graph.nodes:
+    nodes = list(nodes)
+    for node in nodes:
         find(node)
         for source in aliased_inputs(node):
             parent[find(source)] = find(node)
-    return {node: find(node) for node in graph.nodes}
+    return {node: find(node) for node in nodes}
 
 
 def alias_class(node: fx.Node) -> frozenset[fx.Node]:

@@ -13,7 +13,7 @@ import operator
 
 import torch.fx as fx
 
-from .liveness import aliased_inputs
+from .liveness import aliased_inputs, union_alias_edges
 
 VIEW, READ, WRITE = "view", "read", "write"
 
@@ -64,25 +64,14 @@ def local_alias_classes(nodes: list[fx.Node]) -> dict[fx.Node, fx.Node]:
     may alias, found by walking up alias edges from them only: two views of one storage
     meet at its base, so a writer and a reader of it land in one class. Costs the size of
     `nodes`, not of the graph (the emitter asks once per loop)."""
-    parent: dict[fx.Node, fx.Node] = {}
-
-    def find(node: fx.Node) -> fx.Node:
-        while parent.setdefault(node, node) is not node:
-            parent[node] = parent[parent[node]]
-            node = parent[node]
-        return node
-
     stack = [*nodes, *(i for n in nodes for i in n.all_input_nodes)]
     seen: set[fx.Node] = set()
-    while stack:
+    while stack:  # every value the nodes view or may alias, up to its base
         node = stack.pop()
-        if node in seen:
-            continue
-        seen.add(node)
-        for source in aliased_inputs(node):
-            parent[find(source)] = find(node)
-            stack.append(source)
-    return {node: find(node) for node in seen}
+        if node not in seen:
+            seen.add(node)
+            stack.extend(aliased_inputs(node))
+    return union_alias_edges(seen)
 
 
 def writes_in_place(node: fx.Node) -> bool:
