@@ -131,11 +131,10 @@ def _check_seal(path: Path, comment: bytes) -> None:
 
 def _program_entry(program: Program, files: dict[str, str]) -> dict[str, Any]:
     """A program's part of the manifest: its input signature and call structure, each
-    graph's file and input roles, and its plan (the report)."""
+    graph's file, and its plan (the report). Input roles live in the graphs themselves."""
     return {
         "inputs": [_describe_leaf(ph.meta[VALUE], ph.meta[INPUT_ROLE].name)
                    for ph in placeholders(program.graph_module) if ph.meta[INPUT_ROLE].kind == USER],
-        "input_roles": [[role.kind, role.name] for role in program.inputs],
         "in_spec": pytree.treespec_dumps(program.in_spec),
         "out_spec": pytree.treespec_dumps(program.out_spec),
         "graphs": {name: {"file": files[name]} for name in program.graphs},
@@ -286,8 +285,7 @@ def _load_program(entry: dict[str, Any], members: dict[str, bytes], config: Conf
     except (ValueError, TypeError, KeyError, RuntimeError) as err:
         raise ArtifactError(f"{path}: the manifest's call structure or constants cannot be read "
                             f"({first_line(err)}); compile and save the model again") from err
-    inputs = [GraphInput(*role) for role in entry["input_roles"]]
-    program = Program(graphs, entry["plan"], config, inputs, constants, in_spec, out_spec, module,
+    program = Program(graphs, entry["plan"], config, constants, in_spec, out_spec, module,
                       entry["compile_seconds"], loaded.steps)
     return program, _example_call(entry["inputs"], in_spec)
 

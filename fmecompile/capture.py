@@ -23,7 +23,7 @@ from .diagnose import export_or_explain
 from .errors import CaptureError
 from .messages import describe_inputs, first_line
 from .ir import (BUFFER, CONSTANT, INPUT_ROLE, MODULE_STACK, PARAMETER, USER, VALUE, GraphInput,
-                 graph_inputs, has_effect, placeholders)
+                 has_effect, placeholders)
 
 aten = torch.ops.aten
 log = logging.getLogger("fmecompile")
@@ -102,8 +102,7 @@ class Captured:
     """One capture of the module for one input signature: the canonical graph and how to
     feed it. Several configs can be compiled from one capture (benchmarks, ablations)."""
 
-    graph_module: fx.GraphModule
-    inputs: list[GraphInput]
+    graph_module: fx.GraphModule  # its placeholders carry their input roles (ir.INPUT_ROLE)
     constants: dict[str, torch.Tensor]
     in_spec: pytree.TreeSpec
     out_spec: pytree.TreeSpec
@@ -118,10 +117,9 @@ def capture_module(module: torch.nn.Module, method: str, kwargs: dict[str, Any])
     program = export_or_explain(module, method, kwargs, lambda: capture_export(
         _Entry(module, method), kwargs, strip_prefix=ENTRY_PREFIX, name=f"{type(module).__name__}.{method}"))
     gm = program.graph_module
-    inputs = graph_inputs(gm)
     seconds = time.perf_counter() - start
     log.info("captured %d nodes in %.1fs", len(gm.graph.nodes), seconds)
-    return Captured(gm, inputs, dict(program.constants), program.call_spec.in_spec,
+    return Captured(gm, dict(program.constants), program.call_spec.in_spec,
                     program.call_spec.out_spec, seconds)
 
 

@@ -194,9 +194,10 @@ def calibrate(compiled: torch.nn.Module, generate: Callable[[], Any], *,
               threshold: float | None = None, full_steps: int | None = None) -> Calibration:
     """Runs `generate()` (one whole generation that calls `compiled`, e.g.
     `lambda: pipe(image, num_inference_steps=25)`) with every step full, and sets the
-    schedule of `compiled` (a CompiledModule with the rehash pass) by Algorithm 1: with `threshold` (default: the config's
-    rehash_threshold) a new key step starts where similarity to the last one drops below
-    it; with `full_steps` (default: the config's) the threshold is chosen to give that many.
+    schedule of `compiled` (a CompiledModule with the rehash pass) by Algorithm 1: with
+    `threshold` (default: the config's rehash_threshold) a new key step starts where
+    similarity to the last one drops below it; with `full_steps` (default: the config's)
+    the threshold is chosen to give that many.
 
     The cached features of all steps are kept on the CPU meanwhile (steps x feature bytes)."""
     runner = getattr(compiled, "steps", None)

@@ -22,7 +22,7 @@ from fmecompile.passes.manager import compile_graphs
 
 from .capture import Captured
 from .config import Config
-from .ir import BUFFER, CONSTANT, PARAMETER, GraphInput
+from .ir import BUFFER, CONSTANT, PARAMETER, GraphInput, graph_inputs
 from .rehash import RehashExecutor, StepRunner
 
 
@@ -52,27 +52,28 @@ class Program:
     `steps` is the compiled module's StepRunner when it was compiled with rehash."""
 
     def __init__(self, graphs: dict[str, fx.GraphModule], report: dict[str, Any], config: Config,
-                 inputs: list[GraphInput], constants: dict[str, torch.Tensor], in_spec: pytree.TreeSpec,
+                 constants: dict[str, torch.Tensor], in_spec: pytree.TreeSpec,
                  out_spec: pytree.TreeSpec, module: torch.nn.Module, compile_seconds: float,
                  steps: StepRunner | None = None) -> None:
         self.graphs = graphs
         self.report = report
         self.config = config
-        self.inputs = inputs
         self.constants = constants
         self.in_spec = in_spec
         self.out_spec = out_spec
         self.compile_seconds = compile_seconds
         self.executor = executor_for(graphs, steps)
+        # What each placeholder of the main graph is: the passes keep the captured roles.
+        self.inputs = graph_inputs(self.executor.main_graph)
         user_index = itertools.count()
-        self._feeds = [_feed(role, module, constants, user_index) for role in inputs]
+        self._feeds = [_feed(role, module, constants, user_index) for role in self.inputs]
 
     @classmethod
     def compile(cls, captured: Captured, config: Config, module: torch.nn.Module,
                 steps: StepRunner | None = None) -> "Program":
         start = time.perf_counter()
         graphs, report = compile_graphs(captured.graph_module, config)
-        return cls(graphs, report, config, captured.inputs, captured.constants, captured.in_spec,
+        return cls(graphs, report, config, captured.constants, captured.in_spec,
                    captured.out_spec, module, captured.seconds + time.perf_counter() - start, steps)
 
     @property

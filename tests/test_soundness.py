@@ -52,7 +52,7 @@ def sliced_as_planned(module, method, kwargs, config) -> tuple[Program, int]:
     plan = find_plan(gm, config)
     applied = apply_plan(gm, plan, {key: fixed_count(config, r) for key, r in plan.regions().items()})
     verify_loops(gm)
-    program = Program({"main": gm}, {}, config, captured.inputs, captured.constants, captured.in_spec,
+    program = Program({"main": gm}, {}, config, captured.constants, captured.in_spec,
                       captured.out_spec, module, 0.0)
     return program, len(applied.records)
 
