@@ -50,8 +50,9 @@ from .version import __version__
 
 FORMAT = "fmecompile-artifact"
 # Bumped whenever the layout of the archive or of the manifest changes. 2: one entry per
-# program (input signature) under "programs"; 3: graphs in graph_file's JSON format.
-FORMAT_VERSION = 3
+# program (input signature) under "programs"; 3: graphs in graph_file's JSON format;
+# 4: slicer regions stored once, as loops with a body.
+FORMAT_VERSION = 4
 MANIFEST = "manifest.json"
 
 

@@ -1,8 +1,9 @@
 """The artifacts' graph format: a canonical graph as plain JSON data, and back.
 
 Only what runs is stored: for each node its kind, its operator (an `aten::` or `fme::`
-operator overload by name, or getitem), its arguments, and for placeholders their input
-role and the shape, dtype and device of their value. Loading builds the FX graph directly:
+operator overload by name, getitem, or mul on ints), its arguments, and for placeholders
+their input role and the shape, dtype and device of their value; for each slicer loop
+(loop.py) its spec and its body, a graph stored the same way. Loading builds the FX graph directly:
 no pickle, no FakeTensor propagation, no export verifier (torch.export's format spent most
 of a load in those), and an operator outside the allow-list, or an argument of a kind this
 format does not know, is refused rather than resolved.
@@ -18,9 +19,10 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from .errors import ArtifactError
 from .ir import INPUT_ROLE, VALUE, GraphInput
+from .loop import Buffer, ChunkLoop, Chunking, LoopSpec, Moments, loop_of
 
 ALLOWED_NAMESPACES = ("aten", "fme")
-_GETITEM = "getitem"
+_PYTHON_TARGETS = {"getitem": operator.getitem, "mul": operator.mul}  # getitem of tuples; int offsets in loops
 # Argument kinds beyond JSON's own: torch enums by their attribute name on `torch`.
 _TORCH_ENUMS = {"$dtype": torch.dtype, "$layout": torch.layout, "$memory_format": torch.memory_format}
 
@@ -32,28 +34,46 @@ class GraphFormatError(ValueError):
 # --- writing ------------------------------------------------------------------------------
 
 def dump_graph(gm: fx.GraphModule) -> dict[str, Any]:
-    nodes = []
+    nodes, loops = [], {}
     for node in gm.graph.nodes:
         entry: dict[str, Any] = {"name": node.name, "op": node.op}
         if node.op == "placeholder":
-            role = node.meta[INPUT_ROLE]
-            entry["role"] = [role.kind, role.name]
+            role = node.meta.get(INPUT_ROLE)  # a loop body's placeholders have none
+            entry["role"] = None if role is None else [role.kind, role.name]
             entry["value"] = _describe_value(node.meta.get(VALUE))
-        elif node.op == "call_function":
-            entry["target"] = _target_name(node.target)
+        elif node.op in ("call_function", "call_module"):
+            entry["target"] = _target_name(node.target) if node.op == "call_function" else node.target
             entry["args"] = _encode(node.args)
             entry["kwargs"] = _encode(node.kwargs)
         elif node.op == "output":
             entry["args"] = _encode(node.args)
         else:
             raise ArtifactError(f"fmecompile artifacts store call_function graphs; node {node.name} is a {node.op}")
+        if node.op == "call_module":
+            loop = loop_of(node)
+            if loop is None:
+                raise ArtifactError(f"fmecompile artifacts store slicer loops only; node {node.name} calls a module")
+            loops[node.target] = {"spec": _dump_spec(loop.spec), "body": dump_graph(loop.body)}
         nodes.append(entry)
-    return {"nodes": nodes}
+    return {"nodes": nodes, "loops": loops}
+
+
+def _dump_spec(spec: LoopSpec) -> dict[str, Any]:
+    return {
+        "ranges": [list(r) for r in spec.ranges],
+        "inputs": spec.inputs,
+        "buffers": [{"shape": list(b.shape), "dtype": _encode(b.dtype), "device": str(b.device), "reuses": b.reuses}
+                    for b in spec.buffers],
+        "moments": [{"input": m.input, "num_groups": m.num_groups,
+                     "chunking": [m.chunking.dim, m.chunking.outer, m.chunking.extent, m.chunking.inner]}
+                    for m in spec.moments],
+    }
 
 
 def _target_name(target: Any) -> str:
-    if target is operator.getitem:
-        return _GETITEM
+    for name, known in _PYTHON_TARGETS.items():
+        if target is known:
+            return name
     if isinstance(target, torch._ops.OpOverload) and target.namespace in ALLOWED_NAMESPACES:
         return f"{target.namespace}::{target._schema.name.split('::')[1]}.{target._overloadname}"
     raise ArtifactError(f"fmecompile artifacts store aten and fme operators only; the graph calls {target!r}")
@@ -87,32 +107,57 @@ def _describe_value(value: Any) -> dict[str, Any]:
 
 # --- reading ------------------------------------------------------------------------------
 
-def load_graph(data: dict[str, Any]) -> fx.GraphModule:
+def load_graph(data: dict[str, Any], fake_mode: FakeTensorMode | None = None) -> fx.GraphModule:
     """The graph stored by dump_graph; raises GraphFormatError for anything else."""
     graph = fx.Graph()
     env: dict[str, fx.Node] = {}
-    fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
+    fake_mode = fake_mode or FakeTensorMode(allow_non_fake_inputs=True)
+    root = torch.nn.Module()
     try:
+        for name, loop in data["loops"].items():
+            if not name.isidentifier():
+                raise GraphFormatError(f"a loop is named {name!r}, not an identifier")
+            root.add_module(name, ChunkLoop(load_graph(loop["body"], fake_mode), _load_spec(loop["spec"])))
         for entry in data["nodes"]:
-            env[entry["name"]] = _rebuild(graph, entry, env, fake_mode)
-    except (KeyError, TypeError, AttributeError, IndexError) as err:
+            env[entry["name"]] = _rebuild(graph, entry, env, fake_mode, root)
+    except (KeyError, TypeError, AttributeError, IndexError, ValueError) as err:
+        if isinstance(err, GraphFormatError):
+            raise
         raise GraphFormatError(f"malformed node data ({type(err).__name__}: {err})") from None
     try:
         graph.lint()
     except Exception as err:  # FX's own consistency checks
         raise GraphFormatError(f"the stored graph is inconsistent ({err})") from None
-    return fx.GraphModule(torch.nn.Module(), graph)
+    return fx.GraphModule(root, graph)
 
 
-def _rebuild(graph: fx.Graph, entry: dict[str, Any], env: dict[str, fx.Node], fake_mode: FakeTensorMode) -> fx.Node:
+def _load_spec(data: dict[str, Any]) -> LoopSpec:
+    ints = lambda values: tuple(int(v) for v in values)  # noqa: E731
+    return LoopSpec(
+        ranges=tuple(ints(r) for r in data["ranges"]),
+        inputs=int(data["inputs"]),
+        buffers=tuple(Buffer(ints(b["shape"]), _decode(b["dtype"], {}), torch.device(b["device"]),
+                             None if b["reuses"] is None else int(b["reuses"])) for b in data["buffers"]),
+        moments=tuple(Moments(int(m["input"]), Chunking(*ints(m["chunking"])), int(m["num_groups"]))
+                      for m in data["moments"]))
+
+
+def _rebuild(graph: fx.Graph, entry: dict[str, Any], env: dict[str, fx.Node], fake_mode: FakeTensorMode,
+             root: torch.nn.Module) -> fx.Node:
     op = entry["op"]
     if op == "placeholder":
         node = graph.placeholder(entry["name"])
-        node.meta[INPUT_ROLE] = GraphInput(*entry["role"])
+        if entry["role"] is not None:
+            node.meta[INPUT_ROLE] = GraphInput(*entry["role"])
         node.meta[VALUE] = _value(entry["value"], fake_mode, env)
         return node
     if op == "call_function":
         return graph.create_node("call_function", _resolve(entry["target"]), _decode(entry["args"], env),
+                                 _decode(entry["kwargs"], env), entry["name"])
+    if op == "call_module":
+        if not isinstance(getattr(root, str(entry["target"]), None), ChunkLoop):
+            raise GraphFormatError(f"node {entry['name']!r} calls {entry['target']!r}, which is no stored loop")
+        return graph.create_node("call_module", entry["target"], _decode(entry["args"], env),
                                  _decode(entry["kwargs"], env), entry["name"])
     if op == "output":
         return graph.output(_decode(entry["args"], env)[0])
@@ -120,8 +165,8 @@ def _rebuild(graph: fx.Graph, entry: dict[str, Any], env: dict[str, fx.Node], fa
 
 
 def _resolve(name: str) -> Any:
-    if name == _GETITEM:
-        return operator.getitem
+    if name in _PYTHON_TARGETS:
+        return _PYTHON_TARGETS[name]
     namespace, _, qualified = name.partition("::")
     op_name, _, overload = qualified.partition(".")
     if namespace not in ALLOWED_NAMESPACES or not op_name or not overload:

@@ -11,7 +11,9 @@ A canonical graph is an aten-level `torch.fx.GraphModule` (pre-dispatch aten:
   - every node carries `meta[MODULE_STACK]`, an ordered mapping {dotted module path:
     (dotted module path, class qualname)} from outermost to innermost, the root module left
     out, whichever entry point captured it;
-  - nodes a slicer loop emitted carry `meta[REGION]`, the key of their region.
+  - nodes a slicer loop emitted carry `meta[REGION]`, the key of their region;
+  - a slicer loop is a `call_module` node running a `loop.ChunkLoop`, whose body is a
+    graph of the same kind (its placeholders carry no INPUT_ROLE); bodies may hold loops.
 """
 from __future__ import annotations
 
@@ -21,6 +23,9 @@ from typing import Any
 
 import torch
 import torch.fx as fx
+from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+from .loop import ChunkLoop, loop_of
 
 # The node meta keys of the contract.
 VALUE = "val"
@@ -94,7 +99,23 @@ def arg(node: fx.Node, index: int, name: str, default: Any = None) -> Any:
 
 
 def computing_nodes(gm: fx.GraphModule) -> int:
-    return sum(n.op == "call_function" for n in gm.graph.nodes)
+    """Ops the program runs (calls of functions and of loops), each loop body counted once."""
+    return sum(n.op in ("call_function", "call_module") for g in [gm, *loop_bodies(gm)] for n in g.graph.nodes)
+
+
+def node_count(gm: fx.GraphModule) -> int:
+    """Nodes of the graph and of its loop bodies, each body counted once."""
+    return sum(len(g.graph.nodes) for g in [gm, *loop_bodies(gm)])
+
+
+def loop_bodies(gm: fx.GraphModule) -> list[fx.GraphModule]:
+    """The bodies of the graph's loops, and of loops inside them, outermost first."""
+    bodies = []
+    for node in gm.graph.nodes:
+        loop = loop_of(node)
+        if loop is not None:
+            bodies += [loop.body, *loop_bodies(loop.body)]
+    return bodies
 
 
 def has_effect(node: fx.Node) -> bool:
@@ -128,19 +149,34 @@ def copy_with_map(gm: fx.GraphModule) -> tuple[fx.GraphModule, dict[fx.Node, fx.
     new_output = graph.output(result)
     new_output.meta = copy.copy(old_output.meta)
     val_map[old_output] = new_output
-    return fx.GraphModule(gm, graph), val_map
+    result = fx.GraphModule(gm, graph)
+    for node in graph.nodes:  # a loop's body is part of the graph: copied, not shared
+        loop = loop_of(node)
+        if loop is not None:
+            result.add_submodule(node.target, ChunkLoop(copy_graph_module(loop.body), loop.spec))
+    return result, val_map
 
 
 def refresh_meta(gm: fx.GraphModule) -> None:
-    """Recomputes every node's meta[VALUE] by fake execution from the placeholders' values.
-    A rewrite that reroutes uses (a buffer in place of a value) leaves the values of
-    downstream views describing the old storage; liveness reads storage identity."""
+    """Recomputes every node's meta[VALUE] by fake execution from the placeholders' values,
+    loop bodies included (with their first chunk's values). A rewrite that reroutes uses
+    (a buffer in place of a value) leaves the values of downstream views describing the
+    old storage; liveness reads storage identity."""
     from torch._guards import detect_fake_mode
-    from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
     inputs = [n.meta.get(VALUE) for n in placeholders(gm)]
     mode = detect_fake_mode([v for v in inputs if isinstance(v, torch.Tensor)])
-    FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*inputs)
+    _MetaProp(gm, mode).propagate_dont_convert_inputs(*inputs)
+
+
+class _MetaProp(FakeTensorProp):
+    """FakeTensorProp that records values inside loop bodies too."""
+
+    def call_module(self, target: str, args: tuple, kwargs: dict) -> Any:
+        module = self.fetch_attr(target)
+        if not isinstance(module, ChunkLoop):
+            return super().call_module(target, args, kwargs)
+        return module.run(args, first=lambda *chunk: _MetaProp(module.body, self._mode).run(*chunk))
 
 
 # --- checking --------------------------------------------------------------------------

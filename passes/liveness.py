@@ -3,7 +3,8 @@
 `simulate` is the one memory simulator: executing nodes in order, every op allocates the
 storages of its outputs that are new (views, in-place ops and getitems share an existing
 storage, read off the FakeTensor metadata), and a storage is freed after the last op that
-reads it or any view of it. `profile` runs it over a whole graph (graph inputs are not
+reads it or any view of it. A loop node (loop.py) allocates its output buffers and, while
+it runs, holds one chunk's values of its body (simulated the same way) on top. `profile` runs it over a whole graph (graph inputs are not
 counted, they are the caller's; graph outputs are never freed): what the CPU live-bytes
 meter measures, minus the scratch buffers some kernels allocate inside one op. The slicer
 runs it over one region (slice/cost.py).
@@ -19,6 +20,7 @@ import torch.fx as fx
 from torch.multiprocessing.reductions import StorageWeakRef
 
 from fmecompile.ir import tensors_of
+from fmecompile.loop import loop_of
 
 Storage = StorageWeakRef
 
@@ -62,7 +64,7 @@ def simulate(nodes: list[fx.Node], *, preloaded: Iterable[tuple[Storage, int]] =
                 seen.add(storage)
                 live[storage] = size
                 totals[group(storage)] += size
-        now = sum(totals.values())
+        now = sum(totals.values()) + loop_transient(node)
         walk.live_at[node] = now
         if now > walk.peak:
             walk.peak, walk.peak_node = now, node
@@ -72,6 +74,18 @@ def simulate(nodes: list[fx.Node], *, preloaded: Iterable[tuple[Storage, int]] =
             if storage in live:
                 totals[group(storage)] -= live.pop(storage)
     return walk
+
+
+def loop_transient(node: fx.Node) -> int:
+    """What a loop node holds while it runs beyond its inputs and outputs: its
+    normalizations' statistics and the peak of one (the first, longest) chunk's values."""
+    loop = loop_of(node)
+    if loop is None:
+        return 0
+    roles = loop.placeholders()
+    owned = {s for p in sum(roles.values(), []) for s, _ in storages(p)}
+    statistics = sum(size for p in roles["moments"] for _, size in storages(p))
+    return statistics + simulate(list(loop.body.graph.nodes), pinned=owned, uncounted=owned).peak
 
 
 def _last_use(nodes: list[fx.Node]) -> dict[Storage, int]:
@@ -161,7 +175,12 @@ def aliased_inputs(node: fx.Node) -> list[fx.Node]:
     if node.op != "call_function":
         return []
     if node.target is operator.getitem:
-        return [node.args[0]]
+        loop = loop_of(node.args[0])
+        if loop is None:
+            return [node.args[0]]
+        # A loop's output k is a buffer of its own, or the storage of the input it reuses.
+        reuses = loop.spec.buffers[node.args[1]].reuses
+        return [] if reuses is None else [node.args[0].args[reuses]]
     schema = getattr(node.target, "_schema", None)
     sources = []
     if schema is not None and any(r.alias_info is not None for r in schema.returns):

@@ -1,17 +1,20 @@
 """How an op touches the storage of one of its inputs, read off its schema: through a
 view (no data read), by reading it, or by writing it in place.
 
-Used by the verifier (verify.py) and by the loop emitter (chunk_loops), which must keep
+Used by the verifier (verify.py) and by the loop emitter (slice/codegen.py), which must keep
 every write into a storage before the reads that follow it when it moves ops. FX edges
 only say which value an op takes; a `copy_` into a buffer and a later read of that buffer
 share no edge, so the order between them is only visible through storage classes
-(liveness.may_alias_classes) and these access kinds.
+(liveness.may_alias_classes) and these access kinds. A loop node (loop.py) writes the
+inputs whose storage it reuses for an output, and reads the rest.
 """
 from __future__ import annotations
 
 import operator
 
 import torch.fx as fx
+
+from fmecompile.loop import loop_of
 
 from .liveness import aliased_inputs, union_alias_edges
 
@@ -25,10 +28,16 @@ MAY_COPY = {"aten::reshape", "aten::contiguous", "aten::flatten", "aten::to", "a
 def access(user: fx.Node, value: fx.Node) -> str:
     """How `user` touches `value`'s storage: VIEW (its output aliases it, nothing is read),
     WRITE (in place) or READ. An op without a schema is assumed to write."""
+    loop = loop_of(user)
+    if loop is not None:  # a loop writes the inputs whose storage it reuses for an output
+        written = {user.args[b.reuses] for b in loop.spec.buffers if b.reuses is not None}
+        return WRITE if value in written else READ
     if user.op != "call_function":
         return READ
     if user.target is operator.getitem:
         return VIEW
+    if user.target is operator.mul:  # a loop body's int offsets
+        return READ
     schema = getattr(user.target, "_schema", None)
     if schema is None:
         return WRITE
@@ -75,8 +84,12 @@ def local_alias_classes(nodes: list[fx.Node]) -> dict[fx.Node, fx.Node]:
 
 
 def writes_in_place(node: fx.Node) -> bool:
-    """Whether the op may write one of its inputs (by its schema; an op without one may)."""
-    if node.op != "call_function" or node.target is operator.getitem:
+    """Whether the op may write one of its inputs (by its schema; an op without one may;
+    a loop does where it reuses an input's storage)."""
+    loop = loop_of(node)
+    if loop is not None:
+        return any(b.reuses is not None for b in loop.spec.buffers)
+    if node.op != "call_function" or node.target in (operator.getitem, operator.mul):
         return False
     schema = getattr(node.target, "_schema", None)
     return schema is None or any(a.alias_info is not None and a.alias_info.is_write for a in schema.arguments)

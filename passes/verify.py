@@ -1,31 +1,37 @@
 """Checks the slicer's loops on a rewritten graph: every buffer a loop fills is written
-whole, each element once, before anything reads it.
+whole, each element once, and nothing reads memory before it is written or after it is
+overwritten.
 
-A loop writes a value into its buffer chunk by chunk: `copy_(narrow(buffer, dim, start,
-len), chunk)`, or through a `view` that splits the chunked dim first (chunk_loops.write).
-The buffer is either a fresh `aten.empty` or an input of the loop that dies in it
-(regions.reusable_inputs), whose chunk i the loop reads before it writes chunk i. This
-module reads those writes back off the graph and checks, per buffer:
+A loop (fmecompile/loop.py) runs its body once per chunk of its schedule; the body writes
+each buffer with `copy_(narrow(B | view(B, split), dim, start, len), chunk)`, where start
+and len are ints computed from the chunk's `start` and `length`. This module evaluates
+those offsets for every chunk of the schedule, independently of how the slicer derived
+them, and checks per buffer:
 
-- coverage: the written [start, start + len) ranges tile the chunked extent, no gap, no
-  overlap, all in one coordinate system (the same view and dim);
-- order: a fresh buffer is read by nothing between its allocation and its last write; a
-  reused input is read, between its first and its last write, only at chunks not yet
-  overwritten; nothing else writes into it.
+- coverage: the written [start, start + len) ranges tile the buffer's chunked extent, no
+  gap, no overlap, all in one coordinate system (the same view and dim);
+- order: inside the body, a fresh buffer is read by nothing; a buffer that reuses an
+  input's storage is read, through that input, only at the chunk being computed, so no
+  chunk reads what an earlier chunk overwrote; after the loop, nothing reads the reused
+  input but through the loop's outputs;
+- nothing else writes in place: in a body only the loop's writes, outside bodies nothing.
 
 Storage sharing comes from op schemas (liveness.may_alias_classes), not from FakeTensor
-strides, which rewrites make stale. A write the checker cannot read (another op, a
-non-constant offset, a broadcasting copy) makes the whole rewrite unverifiable: the pass
-manager then keeps the graph as it was before the pass (see manager.run_passes).
+strides, which rewrites make stale. A write or read the checker cannot evaluate makes the
+whole rewrite unverifiable: the pass manager then keeps the graph as it was before the
+pass (see manager.run_passes).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import operator
+from typing import Any
 
 import torch
 import torch.fx as fx
 
 from fmecompile.errors import FmeError
+from fmecompile.ir import loop_bodies
+from fmecompile.loop import LENGTH, START, ChunkLoop, loop_of
 
 from .liveness import may_alias_classes
 from .mutation import VIEW, WRITE, access, writes_in_place
@@ -44,159 +50,197 @@ class LoopCheckError(FmeError):
         self.broken = broken
 
 
-@dataclass
-class Buffer:
-    """One loop's fill of a buffer: its writes, (position, start, stop, copy_ node). A later
-    loop may fill the same storage again (it reuses a dying input): a fill of its own."""
-
-    root: fx.Node
-    loop: object  # the writes' meta['fme_region']
-    coords: tuple  # (split view shape or None, dim): where the ranges are measured
-    extent: int
-    writes: list[tuple[int, int, int, fx.Node]] = field(default_factory=list)
-    views: set[fx.Node] = field(default_factory=set)  # the narrows and views writes go through
-
-
-Fills = dict[tuple[fx.Node, object], Buffer]
-
-
 def verify_loops(gm: fx.GraphModule) -> int:
     """Raises LoopCheckError if a loop's buffer is not filled whole, once, before it is
-    read; returns the number of buffers checked."""
-    graph = gm.graph
-    order = {n: i for i, n in enumerate(graph.nodes)}
+    read, or something writes in place outside a loop's writes; returns the number of
+    buffers checked."""
+    checked = 0
+    bodies = {id(body.graph) for body in loop_bodies(gm)}
+    for graph_module in [gm, *loop_bodies(gm)]:
+        graph = graph_module.graph
+        for node in graph.nodes:
+            loop = loop_of(node)
+            if loop is not None:
+                checked += _check_loop(loop, str(node.target))
+                _check_reused_after(node, loop)
+            elif writes_in_place(node) and not (id(graph) in bodies and node.target is COPY):
+                raise LoopCheckError(f"{node.name} ({node.target}) writes in place outside any loop",
+                                     broken=False)
+    return checked
+
+
+def _check_loop(loop: ChunkLoop, name: str) -> int:
+    roles = loop.placeholders()
+    graph = loop.body.graph
     alias = may_alias_classes(graph)
-    buffers = _buffers(graph, order)
-    members: dict[fx.Node, list[fx.Node]] = {}
+    buffers = roles["buffers"]
+    writes = {b: [] for b in buffers}
     for node in graph.nodes:
-        members.setdefault(alias[node], []).append(node)
-    for buffer in buffers.values():
-        _check_coverage(buffer)
-        _check_accesses(buffer, members[alias[buffer.root]], order, buffers)
+        if node.target is COPY:
+            base = _base(node.args[0])
+            if base not in writes:
+                raise LoopCheckError(f"{name}: {node.name} writes in place into something other than "
+                                     f"its chunk of a loop buffer (it does not go through a narrow of one)",
+                                     broken=False)
+            writes[base].append(node)
+    for position, buffer in enumerate(buffers):
+        if len(writes[buffer]) != 1:
+            raise LoopCheckError(f"{name}: buffer {buffer.name} has {len(writes[buffer])} writes per "
+                                 f"chunk, not one", broken=len(writes[buffer]) == 0)
+        (write,) = writes[buffer]
+        spans = _write_spans(loop, write, name)
+        _check_coverage(spans, write, name)
+        reuses = loop.spec.buffers[position].reuses
+        storage = [buffer] if reuses is None else [buffer, roles["inputs"][reuses]]
+        _check_body_reads(loop, storage, write, spans, alias, name)
     return len(buffers)
 
 
-def _buffers(graph: fx.Graph, order: dict[fx.Node, int]) -> Fills:
-    """The loop writes (copy_ nodes a rewrite tagged with meta['fme_region']), by buffer and loop."""
-    buffers: Fills = {}
-    for node in graph.nodes:
-        if node.target is not COPY or "fme_region" not in node.meta:
-            if writes_in_place(node):  # the captured graph had none (analyzable.py): a pass made it
-                raise LoopCheckError(f"{node.name} ({node.target}) writes in place outside any loop",
-                                     broken=False)
-            continue
-        root, coords, extent, start, length, views = _parse_target(node)
-        loop = node.meta["fme_region"]
-        buffer = buffers.setdefault((root, loop), Buffer(root, loop, coords, extent))
-        if (buffer.coords, buffer.extent) != (coords, extent):
-            raise LoopCheckError(f"{root.name} is written in two layouts ({buffer.coords} and {coords})",
-                                 broken=False)
-        buffer.writes.append((order[node], start, start + length, node))
-        buffer.views |= views
-    return buffers
-
-
-def _parse_target(write: fx.Node) -> tuple[fx.Node, tuple, int, int, int, set[fx.Node]]:
-    """The buffer a copy_ writes into and the range: copy_(narrow(B | view(B, shape), ...))."""
-    target, source = write.args[0], write.args[1]
+def _base(target: Any) -> fx.Node | None:
+    """The buffer placeholder a write target narrows (through a split view or not)."""
     if not (isinstance(target, fx.Node) and target.target is NARROW and len(target.args) == 4):
-        raise LoopCheckError(f"loop write {write.name} does not go through a narrow", broken=False)
-    base, dim, start, length = target.args
-    if not all(isinstance(v, int) for v in (dim, start, length)):
-        raise LoopCheckError(f"loop write {write.name} has a non-constant range", broken=False)
-    views, coords = {target}, (None, dim)
-    if base.target is SPLIT_VIEW and "fme_region" in base.meta:
-        views.add(base)
-        coords = (tuple(base.args[1]), dim)
+        return None
+    base = target.args[0]
+    if base.target is SPLIT_VIEW:
         base = base.args[0]
-    if _shape(target) is None or _shape(target.args[0]) is None:
-        raise LoopCheckError(f"loop write {write.name} has no shape metadata", broken=False)
-    if _shape(target) != _shape(source):
-        raise LoopCheckError(f"loop write {write.name} copies a {_shape(source)} chunk into a "
-                             f"{_shape(target)} slice (a broadcast)", broken=True)
-    extent = _shape(target.args[0])[dim]
-    return base, coords, extent, start, length, views
+    return base if base.op == "placeholder" else None
 
 
-def _shape(node) -> tuple[int, ...] | None:
+def _chunks(loop: ChunkLoop) -> list[dict[str, int]]:
+    return [{START: start, LENGTH: length} for start, length in loop.spec.ranges]
+
+
+def _evaluate(value: Any, names: dict[str, int]) -> int | None:
+    """An int argument of the body for one chunk: a constant, `start`, `length`, or
+    products of them; None for anything else."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if not isinstance(value, fx.Node):
+        return None
+    if value.op == "placeholder":
+        return names.get(value.target)
+    if value.target is operator.mul and len(value.args) == 2:
+        a, b = (_evaluate(v, names) for v in value.args)
+        return None if a is None or b is None else a * b
+    return None
+
+
+def _span(narrow: fx.Node, names: dict[str, int], what: str) -> tuple[int, int, int]:
+    """(dim, start, stop) of a narrow for one chunk."""
+    _, dim, start, length = narrow.args
+    dim, start, length = _evaluate(dim, names), _evaluate(start, names), _evaluate(length, names)
+    if dim is None or start is None or length is None:
+        raise LoopCheckError(f"{what} ({narrow.name}) has a range the checker cannot evaluate", broken=False)
+    return dim, start, start + length
+
+
+def _write_spans(loop: ChunkLoop, write: fx.Node, name: str) -> list[tuple[int, int, int]]:
+    target = write.args[0]
+    if _shape(target) is None or _shape(write.args[1]) is None:
+        raise LoopCheckError(f"{name}: loop write {write.name} has no shape metadata", broken=False)
+    if _shape(target) != _shape(write.args[1]):
+        raise LoopCheckError(f"{name}: loop write {write.name} copies a {_shape(write.args[1])} chunk into "
+                             f"a {_shape(target)} slice (a broadcast)", broken=True)
+    return [_span(target, names, f"{name}: loop write {write.name}") for names in _chunks(loop)]
+
+
+def _shape(node: Any) -> tuple[int, ...] | None:
     val = node.meta.get("val") if isinstance(node, fx.Node) else None
     return tuple(int(s) for s in val.shape) if isinstance(val, torch.Tensor) else None
 
 
-def _check_coverage(buffer: Buffer) -> None:
-    """The written ranges tile [0, extent): no gap, no overlap."""
+def _check_coverage(spans: list[tuple[int, int, int]], write: fx.Node, name: str) -> None:
+    """The written ranges tile [0, extent) of one dim: no gap, no overlap."""
+    narrow = write.args[0]
+    dims = {dim for dim, _, _ in spans}
+    if len(dims) != 1:
+        raise LoopCheckError(f"{name}: {write.name} writes along dims {sorted(dims)}", broken=True)
+    extent = _shape(narrow.args[0])[dims.pop()]
     covered = 0
-    for start, stop in sorted((w[1], w[2]) for w in buffer.writes):
+    for _, start, stop in sorted(spans, key=lambda s: s[1]):
         if start > covered:
-            raise LoopCheckError(f"{buffer.root.name}: rows [{covered}, {start}) of its chunked dim "
-                                 f"are never written", broken=True)
+            raise LoopCheckError(f"{name}: rows [{covered}, {start}) of {write.name}'s buffer are never "
+                                 f"written", broken=True)
         if start < covered:
-            raise LoopCheckError(f"{buffer.root.name}: rows [{start}, {min(stop, covered)}) are "
-                                 f"written twice", broken=True)
+            raise LoopCheckError(f"{name}: rows [{start}, {min(stop, covered)}) of {write.name}'s buffer "
+                                 f"are written twice", broken=True)
         covered = stop
-    if covered != buffer.extent:
-        raise LoopCheckError(f"{buffer.root.name}: rows [{covered}, {buffer.extent}) of its chunked "
-                             f"dim are never written", broken=True)
+    if covered != extent:
+        raise LoopCheckError(f"{name}: rows [{covered}, {extent}) of {write.name}'s buffer are never "
+                             f"written", broken=True)
 
 
-def _check_accesses(buffer: Buffer, sharing: list[fx.Node], order: dict[fx.Node, int],
-                    buffers: Fills) -> None:
-    """Every op that reads or writes the buffer's storage does so at a legal time."""
-    writes = {w[3] for w in buffer.writes}
-    first = min(w[0] for w in buffer.writes)
-    last = max(w[0] for w in buffer.writes)
-    fresh = buffer.root.target is aten.empty.memory_format and not any(
-        b.root is buffer.root and min(w[0] for w in b.writes) < first for b in buffers.values())
-    ranges = _ranges(buffer, sharing)
+def _check_body_reads(loop: ChunkLoop, storage: list[fx.Node], write: fx.Node,
+                      spans: list[tuple[int, int, int]], alias: dict[fx.Node, fx.Node], name: str) -> None:
+    """In the body, the buffer's storage is touched only by its write and, where it is a
+    reused input, by reads of the chunk being written, before the write."""
+    order = {n: i for i, n in enumerate(loop.body.graph.nodes)}
+    classes = {alias[n] for n in storage}
+    sharing = [n for n in loop.body.graph.nodes if alias[n] in classes]
+    ranges = _read_ranges(sharing, storage[-1])
+    fresh = len(storage) == 1
     for node in sharing:
         for user in node.users:
             kind = access(user, node)
-            if kind == VIEW or user in writes or user in buffer.views:
-                continue
-            at = order[user]
+            if kind == VIEW or user is write:
+                continue  # a view's own readers are checked where it is in `sharing`
             if kind == WRITE:
-                if _is_loop_write(user) and not first <= at <= last:
-                    continue  # another loop refilling the storage before or after this one
-                raise LoopCheckError(f"{user.name} ({user.target}) writes into loop buffer "
-                                     f"{buffer.root.name} in place", broken=False)
-            if fresh and at < last and at > order[buffer.root]:
-                raise LoopCheckError(f"{user.name} reads loop buffer {buffer.root.name} before its "
-                                     f"last write ({buffer.writes[-1][3].name})", broken=True)
-            if not fresh and first < at < last:
-                _check_reused_read(buffer, user, ranges.get(node), at)
+                raise LoopCheckError(f"{name}: {user.name} ({user.target}) writes into loop buffer "
+                                     f"{storage[0].name} in place", broken=False)
+            if fresh:
+                raise LoopCheckError(f"{name}: {user.name} reads loop buffer {storage[0].name} before its "
+                                     f"last write", broken=True)
+            _check_reused_read(loop, user, ranges.get(node), write, spans, order[user] < order[write], name)
 
 
-def _is_loop_write(user: fx.Node) -> bool:
-    """Whether `user` is a loop write (every one is checked with its own fill)."""
-    return user.target is COPY and "fme_region" in user.meta
-
-
-def _check_reused_read(buffer: Buffer, user: fx.Node, span: tuple[int, int] | None, at: int) -> None:
-    """A loop that overwrites its own input may read only chunks it has not written yet."""
-    if span is None:
-        raise LoopCheckError(f"{user.name} reads all of {buffer.root.name} while a loop "
-                             f"overwrites it", broken=True)
-    for position, start, stop, write in buffer.writes:
-        if position < at and start < span[1] and span[0] < stop:
-            raise LoopCheckError(f"{user.name} reads rows [{span[0]}, {span[1]}) of "
-                                 f"{buffer.root.name} after {write.name} overwrote them", broken=True)
-
-
-def _ranges(buffer: Buffer, sharing: list[fx.Node]) -> dict[fx.Node, tuple[int, int]]:
-    """For views of the buffer that only cover a range of its chunked dim, that range: a
-    narrow in the writes' coordinates, and any aliasing op of such a narrow (an alias
-    covers no element its input does not; as_strided could, and is left out)."""
-    ranges: dict[fx.Node, tuple[int, int]] = {}
-    split = buffer.coords[0]
+def _read_ranges(sharing: list[fx.Node], source: fx.Node) -> dict[fx.Node, fx.Node]:
+    """For views of the reused input that cover a range of its chunked dim, the narrow that
+    says which: a narrow of the input (or of a view splitting its dim), and any view of
+    such a narrow (a view covers no element its input does not; as_strided could)."""
+    ranges: dict[fx.Node, fx.Node] = {}
     for node in sharing:  # graph order: a view comes after its input
-        if node.target is NARROW and len(node.args) == 4 and node.args[1] == buffer.coords[1]:
-            base = node.args[0]
-            whole = base is buffer.root if split is None else (
-                base.target is SPLIT_VIEW and base.args[0] is buffer.root and tuple(base.args[1]) == split)
-            if whole and isinstance(node.args[2], int) and isinstance(node.args[3], int):
-                ranges[node] = (node.args[2], node.args[2] + node.args[3])
-                continue
-        sources = [i for i in node.all_input_nodes if i in ranges]
-        if sources and node.target is not aten.as_strided.default and access(node, sources[0]) == VIEW:
-            ranges[node] = ranges[sources[0]]
+        if node.target is NARROW and _base(node) is source:
+            ranges[node] = node
+            continue
+        inputs = [i for i in node.all_input_nodes if i in ranges]
+        if inputs and node.target is not aten.as_strided.default and access(node, inputs[0]) == VIEW:
+            ranges[node] = ranges[inputs[0]]
     return ranges
+
+
+def _coords(narrow: fx.Node) -> tuple:
+    """Where a narrow's range is measured: the split view's shape (or None) and the dim."""
+    base = narrow.args[0]
+    return (tuple(base.args[1]) if base.target is SPLIT_VIEW else None), narrow.args[1]
+
+
+def _check_reused_read(loop: ChunkLoop, user: fx.Node, narrow: fx.Node | None, write: fx.Node,
+                       spans: list, before: bool, name: str) -> None:
+    """A loop that overwrites its own input may read, at each chunk, that chunk only,
+    before writing it."""
+    if narrow is None or _coords(narrow) != _coords(write.args[0]):
+        raise LoopCheckError(f"{name}: {user.name} reads all of an input the loop overwrites", broken=True)
+    for names, (_, start, stop) in zip(_chunks(loop), spans):
+        _, read_start, read_stop = _span(narrow, names, f"{name}: read {user.name}")
+        if (read_start, read_stop) != (start, stop) or not before:
+            raise LoopCheckError(f"{name}: {user.name} reads rows [{read_start}, {read_stop}) of an input "
+                                 f"the loop overwrote, at rows [{start}, {stop})", broken=True)
+
+
+def _check_reused_after(node: fx.Node, loop: ChunkLoop) -> None:
+    """After a loop that wrote into an input's storage, nothing reads that storage but
+    through the loop's outputs."""
+    reused = [node.args[b.reuses] for b in loop.spec.buffers if b.reuses is not None]
+    if not reused:
+        return
+    graph = node.graph
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    alias = may_alias_classes(graph)
+    classes = {alias[r] for r in reused}
+    for other in graph.nodes:
+        if alias[other] not in classes or order[other] >= order[node]:
+            continue
+        late = [u for u in other.users if order[u] > order[node]]
+        if late:
+            raise LoopCheckError(f"{late[0].name} reads {other.name} after {node.target} overwrote its "
+                                 f"storage", broken=True)

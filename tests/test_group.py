@@ -139,6 +139,10 @@ def test_slice_and_group_are_exact_on_every_model(name, reference_kernels):
     if name != "animatediff-tiny":  # SVD's blocks blend spatial and temporal branches
         assert report["patterns"]["alpha_blend"] > 0
         assert report["patterns"]["gn_apply_silu"] > 0  # inside the slicer's two-phase norms
+    # Each region is emitted once, as a loop: the program runs about as many ops as captured.
+    slice_report = compiled.report["slice"]
+    assert slice_report["regions"] > 0
+    assert report["ops_after"] <= 1.3 * slice_report["ops_before"], (report["ops_after"], slice_report["ops_before"])
 
 
 def test_group_runs_the_kernels_on_a_whole_model():

@@ -1,17 +1,19 @@
 """The loop checker (passes/verify.py): it accepts the slicer's rewrites and catches broken
-ones (a chunk's write dropped, a write moved after a read, overlapping offsets, a read of a
-chunk already overwritten, an in-place op it cannot judge), and the pass manager then
-keeps the graph as captured, or raises under FME_STRICT=1."""
+ones (a chunk dropped from the schedule, overlapping chunks, a body reading its buffer
+before writing it, a read of a chunk already overwritten, a read of an overwritten input
+after the loop, an in-place op it cannot judge), and the pass manager then keeps the
+graph as captured, or raises under FME_STRICT=1."""
 from __future__ import annotations
 
-import operator
+import dataclasses
 
 import pytest
 import torch
 
 import fmecompile as fme
+from fmecompile.ir import copy_graph_module, loop_bodies
+from fmecompile.loop import loop_of
 from fmecompile.passes.slice import codegen as chunk_loops
-from fmecompile.ir import copy_graph_module
 from fmecompile.passes.verify import COPY, LoopCheckError, verify_loops
 from video_modules import VideoBlocks, video
 
@@ -28,17 +30,32 @@ def sliced():
     return compiled.graph_module
 
 
-def loop_writes(gm, fresh: bool) -> dict[torch.fx.Node, list[torch.fx.Node]]:
-    """Buffer -> its copy_ writes, for fresh (aten.empty) or reused buffers."""
-    out: dict = {}
-    for node in gm.graph.nodes:
-        if node.target is COPY and "fme_region" in node.meta:
-            narrow = node.args[0]
-            root = narrow.args[0]
-            if (root.target is aten.empty.memory_format) == fresh:
-                out.setdefault(root, []).append(node)
-    assert out, "the fixture graph must hold this kind of buffer"
-    return out
+def loops(gm):
+    """(node, loop) of every loop, in the graph and in loop bodies."""
+    return [(n, loop_of(n)) for g in [gm, *loop_bodies(gm)] for n in g.graph.nodes if loop_of(n)]
+
+
+def a_loop(gm, reusing: bool):
+    """A loop with a buffer that reuses an input's storage, or one with a fresh buffer,
+    and the position of that buffer."""
+    for node, loop in loops(gm):
+        for position, buffer in enumerate(loop.spec.buffers):
+            if (buffer.reuses is not None) == reusing and len(loop.spec.ranges) > 2:
+                return node, loop, position
+    raise AssertionError("the fixture graph must hold this kind of loop")
+
+
+def body_write(loop, position):
+    buffer = loop.placeholders()["buffers"][position]
+    return next(n for n in loop.body.graph.nodes if n.target is COPY and buffer in _bases(n.args[0]))
+
+
+def _bases(node):
+    return {node.args[0], *node.args[0].all_input_nodes}
+
+
+def with_ranges(loop, ranges):
+    loop.spec = dataclasses.replace(loop.spec, ranges=tuple(ranges))
 
 
 def broken(gm) -> LoopCheckError:
@@ -48,57 +65,66 @@ def broken(gm) -> LoopCheckError:
 
 
 def test_the_slicers_rewrite_passes(sliced):
-    assert verify_loops(sliced) == len(loop_writes(sliced, True)) + len(loop_writes(sliced, False))
+    assert verify_loops(sliced) == sum(len(loop.spec.buffers) for _, loop in loops(sliced)) > 0
 
 
-@pytest.mark.parametrize("fresh", [True, False])
-def test_a_dropped_chunk_write_is_caught(sliced, fresh):
+@pytest.mark.parametrize("reusing", [False, True])
+def test_a_chunk_dropped_from_the_schedule_is_caught(sliced, reusing):
     gm = copy_graph_module(sliced)
-    writes = next(iter(loop_writes(gm, fresh).values()))
-    gm.graph.erase_node(writes[1])
+    _, loop, _ = a_loop(gm, reusing)
+    with_ranges(loop, loop.spec.ranges[:-1])
     error = broken(gm)
     assert error.broken and "never written" in str(error)
 
 
-def test_a_write_moved_after_a_read_is_caught(sliced):
+@pytest.mark.parametrize("reusing", [False, True])
+def test_overlapping_chunks_are_caught(sliced, reusing):
     gm = copy_graph_module(sliced)
-    buffer, writes = next(iter(loop_writes(gm, True).items()))
-    views = {w.args[0] for w in writes}
-    reader = next(u for u in buffer.users if u not in views)
-    reader.append(writes[-1])  # the last chunk now lands after the buffer is read
-    error = broken(gm)
-    assert error.broken and "before its last write" in str(error)
-
-
-@pytest.mark.parametrize("fresh", [True, False])
-def test_overlapping_offsets_are_caught(sliced, fresh):
-    gm = copy_graph_module(sliced)
-    writes = next(iter(loop_writes(gm, fresh).values()))
-    narrow = writes[1].args[0]
-    base, dim, start, length = narrow.args
-    narrow.args = (base, dim, start - 1, length)
+    _, loop, _ = a_loop(gm, reusing)
+    ranges = list(loop.spec.ranges)
+    start, length = ranges[1]
+    ranges[1] = (start - 1, length + 1)
+    with_ranges(loop, ranges)
     error = broken(gm)
     assert error.broken and "written twice" in str(error)
 
 
+def test_a_read_of_a_buffer_before_its_write_is_caught(sliced):
+    gm = copy_graph_module(sliced)
+    _, loop, position = a_loop(gm, False)
+    buffer = loop.placeholders()["buffers"][position]
+    with loop.body.graph.inserting_before(body_write(loop, position)):
+        loop.body.graph.call_function(aten.sin.default, (buffer,))
+    error = broken(gm)
+    assert error.broken and "before its last write" in str(error)
+
+
 def test_reading_a_chunk_already_overwritten_is_caught(sliced):
     gm = copy_graph_module(sliced)
-    buffer, writes = next(iter(loop_writes(gm, False).items()))
-    views = {w.args[0] for w in writes}
-    first_write = writes[0].args[0]
-    order = {n: i for i, n in enumerate(gm.graph.nodes)}
-    late_read = next(u for u in buffer.users if u.target is aten.narrow.default and u not in views
-                     and order[u] > order[writes[0]])
-    late_read.args = (late_read.args[0], late_read.args[1], first_write.args[2], late_read.args[3])
+    _, loop, position = a_loop(gm, True)
+    source = loop.placeholders()["inputs"][loop.spec.buffers[position].reuses]
+    read = next(u for u in source.users if u.target is aten.narrow.default)
+    read.args = (read.args[0], read.args[1], 0, read.args[3])  # always the first chunk
     error = broken(gm)
     assert error.broken and "overwrote" in str(error)
 
 
+def test_reading_an_overwritten_input_after_the_loop_is_caught(sliced):
+    gm = copy_graph_module(sliced)
+    node, loop, position = a_loop(gm, True)
+    source = node.args[loop.spec.buffers[position].reuses]
+    with node.graph.inserting_after(node):
+        node.graph.call_function(aten.sin.default, (source,))
+    error = broken(gm)
+    assert error.broken and "overwrote its storage" in str(error)
+
+
 def test_an_unknown_in_place_op_on_a_buffer_is_refused(sliced):
     gm = copy_graph_module(sliced)
-    buffer, writes = next(iter(loop_writes(gm, True).items()))
-    with gm.graph.inserting_after(writes[-1]):
-        gm.graph.call_function(aten.mul_.Tensor, (buffer, buffer))
+    _, loop, position = a_loop(gm, False)
+    buffer = loop.placeholders()["buffers"][position]
+    with loop.body.graph.inserting_after(body_write(loop, position)):
+        loop.body.graph.call_function(aten.mul_.Tensor, (buffer, buffer))
     error = broken(gm)
     assert not error.broken and "in place" in str(error)
 
@@ -115,9 +141,10 @@ def test_an_in_place_op_outside_any_loop_is_refused(sliced):
 
 def test_a_write_not_through_a_narrow_is_refused(sliced):
     gm = copy_graph_module(sliced)
-    write = next(iter(loop_writes(gm, True).values()))[0]
-    with gm.graph.inserting_before(write):
-        view = gm.graph.call_function(aten.alias.default, (write.args[0],))
+    _, loop, position = a_loop(gm, False)
+    write = body_write(loop, position)
+    with loop.body.graph.inserting_before(write):
+        view = loop.body.graph.call_function(aten.alias.default, (write.args[0],))
     write.args = (view, write.args[1])
     error = broken(gm)
     assert not error.broken and "narrow" in str(error)

@@ -7,8 +7,8 @@ intermediate is used by the chain alone (otherwise it must exist anyway, and fus
 compute it twice), when its shapes are ones the kernel takes and when its dtype is
 float16, bfloat16 or float32 (the kernels' dtypes; they compute in float32, as eager does
 for these ops). Anything else is left as it
-is. The slicer's loops are plain copies of the same aten ops, so chains inside them fuse
-like any other; its two-phase GroupNorm (fme::gn_apply) takes the SiLU after it.
+is. The slicer's loop bodies hold the same aten ops, so chains inside them fuse like any
+other (each body once); its two-phase GroupNorm (fme::gn_apply) takes the SiLU after it.
 """
 from __future__ import annotations
 
@@ -19,19 +19,56 @@ import torch.fx as fx
 
 import fmecompile.kernels  # noqa: F401  (registers the fme:: ops)
 from fmecompile.config import Config
-from fmecompile.ir import refresh_meta
+from fmecompile.ir import computing_nodes, node_count, refresh_meta
+from fmecompile.loop import loop_of
 
 from ..liveness import may_alias_classes, predicted_peak
+from ..mutation import WRITE, access, writes_in_place
 from ..registry import PassResult
-from .patterns import PATTERNS, Graph, kernel_dtype
+from .patterns import BOUND, PATTERNS, Graph, kernel_dtype
 
 
 def group_pass(gm: fx.GraphModule, config: Config) -> PassResult:
-    graph = gm.graph
-    state = Graph(_mutated_classes(graph))
     enabled = [p for p in PATTERNS if config.group_patterns is None or p.name in config.group_patterns]
     counts: Counter[str] = Counter()
-    nodes_before = len(graph.nodes)
+    nodes_before, ops_before = node_count(gm), computing_nodes(gm)
+    _group_with_bodies(gm, enabled, counts)
+    refresh_meta(gm)
+    report = {
+        "patterns": dict(sorted(counts.items())),
+        "fused": sum(counts.values()),
+        "nodes_before": nodes_before,
+        "nodes_after": node_count(gm),
+        "ops_before": ops_before,
+        "ops_after": computing_nodes(gm),
+        "predicted_peak_bytes": predicted_peak(gm),
+    }
+    if not counts:
+        patterns = [p.name for p in enabled]
+        report["reason"] = (f"no chain of the patterns {patterns} in fp16, bf16 or fp32 whose "
+                            f"intermediates only the chain uses; the graph is left as captured")
+    return PassResult(gm, bool(counts), report)
+
+
+def _group_with_bodies(gm: fx.GraphModule, enabled: list, counts: Counter) -> None:
+    """Fuses in the graph, then in each loop body (once: it runs for every chunk), with the
+    body's inputs bound to the loop's arguments while it is matched."""
+    _group_graph(gm.graph, enabled, counts)
+    gm.recompile()
+    for node in gm.graph.nodes:
+        loop = loop_of(node)
+        if loop is None:
+            continue
+        inputs = loop.placeholders()["inputs"]
+        for placeholder, outer in zip(inputs, node.args):
+            placeholder.meta[BOUND] = outer
+        _group_with_bodies(loop.body, enabled, counts)
+        for placeholder in inputs:
+            del placeholder.meta[BOUND]
+
+
+def _group_graph(graph: fx.Graph, enabled: list, counts: Counter) -> None:
+    state = Graph(_mutated_classes(graph))
     for root in list(graph.nodes):
         if root.op != "call_function" or not kernel_dtype(root):
             continue
@@ -43,20 +80,6 @@ def group_pass(gm: fx.GraphModule, config: Config) -> PassResult:
             counts[pattern.name] += 1
             break
     graph.eliminate_dead_code()
-    gm.recompile()
-    refresh_meta(gm)
-    report = {
-        "patterns": dict(sorted(counts.items())),
-        "fused": sum(counts.values()),
-        "nodes_before": nodes_before,
-        "nodes_after": len(graph.nodes),
-        "predicted_peak_bytes": predicted_peak(gm),
-    }
-    if not counts:
-        patterns = [p.name for p in enabled]
-        report["reason"] = (f"no chain of the patterns {patterns} in fp16, bf16 or fp32 whose "
-                            f"intermediates only the chain uses; the graph is left as captured")
-    return PassResult(gm, bool(counts), report)
 
 
 def _replace(graph: fx.Graph, root: fx.Node, target: Any, kwargs: dict[str, Any]) -> None:
@@ -75,7 +98,6 @@ def _mutated_classes(graph: fx.Graph) -> set[fx.Node]:
     """Nodes whose storage an in-place op writes (the slicer's loops fill buffers with
     copy_, possibly into a dead input)."""
     alias = may_alias_classes(graph)
-    written = {alias[n.args[0]] for n in graph.nodes
-               if n.op == "call_function" and getattr(n.target, "_schema", None) is not None
-               and n.target._schema.is_mutable and isinstance(n.args[0], fx.Node)}
+    written = {alias[source] for n in graph.nodes for source in n.all_input_nodes
+               if writes_in_place(n) and access(n, source) == WRITE}
     return {n for n in graph.nodes if alias[n] in written}

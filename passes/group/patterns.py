@@ -34,6 +34,9 @@ KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 # A match: the fused op's keyword arguments, or None.
 Match = dict[str, Any] | None
+# While the group pass matches in a loop body, each input placeholder of the body carries
+# the node of the enclosing graph it is bound to: a chain may start outside the loop.
+BOUND = "fme_bound_to"
 
 
 @dataclass(frozen=True)
@@ -58,6 +61,14 @@ class Pattern:
 def kernel_dtype(node: fx.Node) -> bool:
     val = _val(node)
     return val is not None and val.dtype in KERNEL_DTYPES
+
+
+def _outer(node: Any) -> Any:
+    """What a loop body's input stands for in the graphs around it (the node itself
+    elsewhere)."""
+    while isinstance(node, fx.Node) and node.op == "placeholder" and BOUND in node.meta:
+        node = node.meta[BOUND]
+    return node
 
 
 def _is(node: Any, target: Any) -> bool:
@@ -166,8 +177,9 @@ def match_alpha_blend(root: fx.Node) -> Match:
     for (m1a, m1b), (m2a, m2b) in ((first, second), (second, first)):
         for alpha, xs in ((m1a, m1b), (m1b, m1a)):
             for one_minus, xt in ((m2a, m2b), (m2b, m2a)):
-                if (_is(one_minus, aten.rsub.Scalar) and one_minus.args[0] is alpha
-                        and one_minus.args[1] == 1 and not one_minus.kwargs
+                outer = _outer(one_minus)  # alpha and 1 - alpha may both come from outside a loop
+                if (_is(outer, aten.rsub.Scalar) and _outer(outer.args[0]) is _outer(alpha)
+                        and outer.args[1] == 1 and not outer.kwargs
                         and _blendable(alpha, xs, xt, root)):
                     return {"x_spatial": xs, "x_temporal": xt, "alpha": alpha}
     return None

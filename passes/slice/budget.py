@@ -1,8 +1,7 @@
 """Chunk counts from a memory budget: the fewest chunks whose predicted peak fits.
 
-A plan is tried on a copy of the graph with each loop emitted for its first (largest)
-chunk only: the same peak as the whole loop at a fraction of the nodes, measured exactly
-by the liveness profile. The batch is split first as little as possible; for each batch
+A plan is tried on a copy of the graph with its loops emitted, its peak measured by the
+liveness profile (a loop holds its buffers and one chunk's values at a time). The batch is split first as little as possible; for each batch
 split, the smallest count from CHUNK_LADDER for the spatial and temporal regions that fits
 is found by bisection (the peak only falls as chunks get shorter). Kinds whose count the
 config fixes keep it. If nothing fits, the error says the smallest peak reachable.
@@ -31,7 +30,7 @@ def plan_counts(gm: fx.GraphModule, plan: SlicePlan, config: Config) -> tuple[di
     ladder = [n for n in CHUNK_LADDER if n < longest] + [longest]
     batch_fixed = fixed_count_of_kind(config, BATCH)
     batch_extent = max((r.extent for r in plan.batch), default=1)
-    batch_options = [batch_fixed] if batch_fixed else list(range(1, batch_extent + 1))
+    batch_options = [batch_fixed] if batch_fixed else [n for n in range(1, batch_extent + 1) if batch_extent % n == 0]
     tries: list[dict[str, int]] = []
 
     def counts_for(batch_chunks: int, chunks: int) -> dict[Key, int]:
@@ -40,7 +39,7 @@ def plan_counts(gm: fx.GraphModule, plan: SlicePlan, config: Config) -> tuple[di
 
     def peak_of(batch_chunks: int, chunks: int) -> int:
         trial, val_map = copy_with_map(gm)
-        apply_plan(trial, remap_plan(plan, val_map), counts_for(batch_chunks, chunks), first_chunk_only=True)
+        apply_plan(trial, remap_plan(plan, val_map), counts_for(batch_chunks, chunks))
         peak = predicted_peak(trial)
         tries.append({"batch_chunks": batch_chunks, "chunks": chunks, "predicted_peak_bytes": peak})
         return peak

@@ -1,34 +1,33 @@
-"""Code generation for the slicer: a region becomes an unrolled loop over chunks.
+"""Code generation for the slicer: a region becomes a loop over chunks of its axis.
 
-For each chunk, the region's ops are emitted again on slices of its inputs (views where
-the axis is the outer part of a dim, otherwise a chunk-sized copy), and each value the
-rest of the graph needs is written into its slice of a buffer allocated once before the
-loop, so no torch.cat copy is made and one chunk's intermediates die before the next
-chunk starts (the FX code frees every value after its last use). Where an input of the
-region dies in it and has the output's shape and chunk layout, the output is written into
-the input's own storage instead (chunk i of the output lands where chunk i of the input
-was, after the chunk has read it): the boundary between a spatial and a temporal layer then
-holds two whole tensors, not three. A normalization that
-reduces over the chunked axis first takes its statistics over all chunks of its input
-(fme::gn_moments per chunk, one fme::merge_moments), then normalizes each chunk with them
-(fme::gn_apply).
+The region's ops are emitted once, into the body of a `loop.ChunkLoop` (see loop.py for
+what a body is and how the loop runs it): on chunks of their inputs (views where the axis
+is the outer part of a dim, otherwise a chunk-sized copy), each value the rest of the
+graph needs written into its chunk of a buffer the loop allocates once, so no torch.cat
+copy is made and one chunk's intermediates die before the next chunk starts. Where an
+input of the region dies in it and has the output's shape and chunk layout, the output
+is written into the input's own storage instead (chunk i of the output lands where chunk
+i of the input was, after the chunk has read it): the boundary between a spatial and a
+temporal layer then holds two whole tensors, not three. A normalization that reduces
+over the chunked axis is split in two: the loop takes its statistics over all chunks of
+its input first, and the body normalizes each chunk with them (fme::gn_apply).
 
-The loop is unrolled in the graph rather than kept as a Python loop: the graph stays plain
-aten and custom ops, so it exports and serializes like any other, and the number of op
-launches, which is what a loop costs at run time, is the same either way.
+In the graph the region becomes one `call_module` node and a getitem per output; the
+graph's other ops that sat between the region's ops and read its outputs move after it.
 """
 from __future__ import annotations
 
+import itertools
 import operator
 from typing import Any, Callable
 
 import torch
 import torch.fx as fx
-from torch._guards import detect_fake_mode
 
 import fmecompile.kernels  # noqa: F401  (registers fme:: ops)
 
-from fmecompile.ir import REGION, shape as _shape
+from fmecompile.ir import MODULE_STACK, REGION, VALUE, shape as _shape
+from fmecompile.loop import LENGTH, START, Buffer, ChunkLoop, Chunking, LoopSpec, Moments
 
 from ..liveness import alias_class
 from ..mutation import local_alias_classes, touched_classes
@@ -40,7 +39,6 @@ from .rules import rule_for
 
 aten = torch.ops.aten
 fme = torch.ops.fme
-
 
 def chunk_ranges(extent: int, chunks: int) -> list[tuple[int, int]]:
     """(start, length) of `chunks` contiguous chunks covering 0..extent as evenly as
@@ -56,112 +54,164 @@ def chunk_ranges(extent: int, chunks: int) -> list[tuple[int, int]]:
 
 
 class Emitter:
-    """Creates nodes before `anchor`. Their meta['val'] is left to the slicer, which
-    recomputes every value once it is done (and so checks every chunk's shapes); only
-    the buffers get theirs here, since later regions read their shapes."""
+    """Creates nodes in a loop body, before its output, and the int nodes for chunk
+    offsets and sizes: `start` and `length` are the body's placeholders, or `length` a
+    constant when every chunk has one length."""
 
-    def __init__(self, graph: fx.Graph, anchor: fx.Node, fake_mode) -> None:
+    def __init__(self, graph: fx.Graph, start: fx.Node, length: fx.Node | int) -> None:
         self.graph = graph
-        self.anchor = anchor
-        self.fake_mode = fake_mode
+        self.start = start
+        self.length = length
         self.created: list[fx.Node] = []
+        self._scaled: dict[tuple[fx.Node, int], fx.Node] = {}
 
     def __call__(self, target: Callable, args: tuple, kwargs: dict | None = None,
                  like: fx.Node | None = None) -> fx.Node:
-        kwargs = kwargs or {}
-        with self.graph.inserting_before(self.anchor):
-            node = self.graph.call_function(target, args, kwargs)
+        with self.graph.inserting_before(self.graph.output_node()):
+            node = self.graph.call_function(target, args, kwargs or {})
         if like is not None:
             for key in ("nn_module_stack", "stack_trace", "source_fn_stack"):
                 if key in like.meta:
                     node.meta[key] = like.meta[key]
-        if target is aten.empty.memory_format:
-            with self.fake_mode:
-                node.meta["val"] = target(*args, **kwargs)
         self.created.append(node)
         return node
 
-
-def _split_shape(shape: tuple[int, ...], loc: Location, length: int) -> tuple[int, ...]:
-    """The shape with the located dim split into (outer, length * inner)."""
-    return shape[:loc.dim] + (loc.outer, length * loc.inner) + shape[loc.dim + 1:]
-
-
-def _chunk_shape(shape: tuple[int, ...], loc: Location, length: int) -> tuple[int, ...]:
-    return shape[:loc.dim] + (loc.outer * length * loc.inner,) + shape[loc.dim + 1:]
-
-
-def take(emit: Emitter, value: fx.Node, loc: Location, start: int, length: int) -> fx.Node:
-    """The chunk [start, start + length) of the axis at `loc` of `value`."""
-    if loc.outer == 1:
-        if start == 0 and length * loc.inner == _shape(value)[loc.dim]:
+    def scaled(self, value: fx.Node | int, factor: int) -> fx.Node | int:
+        """value * factor, as an int node where value is one."""
+        if isinstance(value, int):
+            return value * factor
+        if factor == 1:
             return value
-        return emit(aten.narrow.default, (value, loc.dim, start * loc.inner, length * loc.inner))
-    shape = _shape(value)
-    split = emit(aten.view.default, (value, list(_split_shape(shape, loc, loc.extent))))
-    part = emit(aten.narrow.default, (split, loc.dim + 1, start * loc.inner, length * loc.inner))
-    return emit(aten.reshape.default, (part, list(_chunk_shape(shape, loc, length))))
+        key = (value, factor)
+        if key not in self._scaled:
+            self._scaled[key] = self(operator.mul, (value, factor))
+        return self._scaled[key]
+
+    def chunk_shape(self, shape: tuple[int, ...], loc: Location) -> tuple:
+        """The shape of one chunk of a value of `shape` whose axis is at `loc`."""
+        return shape[:loc.dim] + (self.scaled(self.length, loc.outer * loc.inner),) + shape[loc.dim + 1:]
 
 
-def write(emit: Emitter, buffer: fx.Node, chunk: fx.Node, loc: Location, start: int, length: int) -> None:
+def _split_shape(shape: tuple[int, ...], loc: Location) -> list[int]:
+    """The shape with the located dim split into (outer, extent * inner)."""
+    return list(shape[:loc.dim] + (loc.outer, loc.extent * loc.inner) + shape[loc.dim + 1:])
+
+
+def _range_of(emit: Emitter, loc: Location) -> tuple:
+    return emit.scaled(emit.start, loc.inner), emit.scaled(emit.length, loc.inner)
+
+
+def take(emit: Emitter, value: fx.Node, loc: Location) -> fx.Node:
+    """The body's chunk of the axis at `loc` of `value` (see loop.take)."""
+    if loc.outer == 1:
+        return emit(aten.narrow.default, (value, loc.dim, *_range_of(emit, loc)))
+    split = emit(aten.view.default, (value, _split_shape(_shape(value), loc)))
+    part = emit(aten.narrow.default, (split, loc.dim + 1, *_range_of(emit, loc)))
+    return emit(aten.reshape.default, (part, list(emit.chunk_shape(_shape(value), loc))))
+
+
+def write(emit: Emitter, buffer: fx.Node, chunk: fx.Node, loc: Location) -> None:
     """Copies `chunk` into its place in `buffer`."""
     if loc.outer == 1:
-        target = emit(aten.narrow.default, (buffer, loc.dim, start * loc.inner, length * loc.inner))
+        target = emit(aten.narrow.default, (buffer, loc.dim, *_range_of(emit, loc)))
         emit(aten.copy_.default, (target, chunk))
         return
-    shape = _shape(buffer)
-    split = emit(aten.view.default, (buffer, list(_split_shape(shape, loc, loc.extent))))
-    target = emit(aten.narrow.default, (split, loc.dim + 1, start * loc.inner, length * loc.inner))
-    source = emit(aten.reshape.default, (chunk, list(_split_shape(_chunk_shape(shape, loc, length), loc, length))))
+    split_shape = _split_shape(_shape(buffer), loc)
+    split = emit(aten.view.default, (buffer, split_shape))
+    target = emit(aten.narrow.default, (split, loc.dim + 1, *_range_of(emit, loc)))
+    chunk_split = list(split_shape)
+    chunk_split[loc.dim + 1] = emit.scaled(emit.length, loc.inner)
+    source = emit(aten.reshape.default, (chunk, chunk_split))
     emit(aten.copy_.default, (target, source))
 
 
-def emit_region(gm: fx.GraphModule, region: Region, chunks: int, tag: Any = None,
-                first_chunk_only: bool = False) -> dict[fx.Node, list[fx.Node]]:
-    """Replaces the region's nodes by an unrolled loop over chunks of its axis; returns,
-    for each node of the region, its copies, one per chunk. Emitted nodes carry `tag` in
-    meta[REGION]. `first_chunk_only` emits just the first (largest) chunk: the
-    memory planner's stand-in for the loop, with the same peak and a fraction of the nodes."""
-    graph = gm.graph
-    members = set(region.nodes)
+def emit_region(region: Region, chunks: int, tag: Any = None) -> dict[fx.Node, fx.Node]:
+    """Replaces the region's nodes by a loop over `chunks` chunks of its axis; returns,
+    for each node of the region, its copy in the loop's body. The loop node and the body's
+    nodes carry `tag` in meta[REGION]."""
+    graph = region.nodes[0].graph
+    position = {n: i for i, n in enumerate(graph.nodes)}
     # Earlier regions may have moved some of this region's nodes: emit in current order,
     # after the node that is now last.
-    position = {n: i for i, n in enumerate(graph.nodes)}
     nodes = sorted(region.nodes, key=position.__getitem__)
-    anchor = nodes[-1].next
-    fake_mode = detect_fake_mode([n.meta["val"] for n in nodes if isinstance(n.meta.get("val"), torch.Tensor)])
-    emit = Emitter(graph, anchor, fake_mode)
+    members = set(nodes)
     ranges = chunk_ranges(region.extent, chunks)
-    # before any node is emitted
     reused = reusable_inputs(region.nodes, region.slicings, region.outputs, position, alias_class)
-    moments = {node: _moments(emit, node, region.slicings[node].inputs[0], ranges)
-               for node in region.nodes if region.slicings[node].two_phase}
-    buffers = {out: reused.get(out) or emit(aten.empty.memory_format, (list(_shape(out)),),
-                                             {"dtype": out.meta["val"].dtype, "device": out.meta["val"].device},
-                                             like=out)
-               for out in region.outputs}
-    copies: dict[fx.Node, list[fx.Node]] = {node: [] for node in nodes}
-    for start, length in ranges[:1] if first_chunk_only else ranges:
-        env: dict[fx.Node, fx.Node] = {}
-        slices: dict[tuple[fx.Node, Location | None], fx.Node] = {}
-        for node in nodes:
-            env[node] = _emit_chunk_node(emit, node, region, env, slices, moments, start, length)
-            copies[node].append(env[node])
-        for out in region.outputs:
-            write(emit, buffers[out], env[out], region.slicings[out].outputs[0], start, length)
-    for out, buffer in buffers.items():
-        out.replace_all_uses_with(buffer, delete_user_cb=lambda user: user not in members)
-    before = nodes[0].prev
+    inputs = list(dict.fromkeys(i for n in nodes for i in n.all_input_nodes if i not in members))
+    body, copies, spec = _body(region, nodes, inputs, ranges, reused, tag)
+    owner = graph.owning_module
+    name = next(f"loop_{i}" for i in itertools.count() if not hasattr(owner, f"loop_{i}"))
+    owner.add_submodule(name, ChunkLoop(body, spec))
+    anchor, before = nodes[-1].next, nodes[0].prev
+    with graph.inserting_before(anchor):
+        loop = graph.call_module(name, tuple(inputs))
+        outputs = [graph.call_function(operator.getitem, (loop, k)) for k in range(len(region.outputs))]
+    loop.meta.update({REGION: tag, MODULE_STACK: _common_stack(nodes)})
+    for out, result in zip(region.outputs, outputs):
+        source = reused.get(out, out)
+        result.meta.update({VALUE: source.meta[VALUE], MODULE_STACK: out.meta.get(MODULE_STACK), REGION: tag})
+        out.replace_all_uses_with(result, delete_user_cb=lambda user: user not in members)
+    loop.meta[VALUE] = tuple(r.meta[VALUE] for r in outputs)
     for node in reversed(nodes):
         graph.erase_node(node)
-    for node in emit.created:
-        node.meta[REGION] = tag
-    _move_after_block(before, emit.created, set(buffers.values()), anchor)
+    _move_after_block(before, [loop, *outputs], set(outputs), anchor)
     return copies
 
 
+def _body(region: Region, nodes: list[fx.Node], inputs: list[fx.Node], ranges: list[tuple[int, int]],
+          reused: dict[fx.Node, fx.Node], tag: Any) -> tuple[fx.GraphModule, dict[fx.Node, fx.Node], LoopSpec]:
+    """The loop's body graph (see loop.py), the copy of each region node in it, and the
+    loop's spec."""
+    graph = fx.Graph()
+    start = graph.placeholder(START)
+    length = graph.placeholder(LENGTH)
+    start.meta[VALUE], length.meta[VALUE] = ranges[0]
+    inside = {node: graph.placeholder(node.name) for node in inputs}
+    for node, placeholder in inside.items():
+        placeholder.meta[VALUE] = node.meta.get(VALUE)
+    norms = [n for n in nodes if region.slicings[n].two_phase]
+    moments = {norm: graph.placeholder(f"moments_{norm.name}") for norm in norms}
+    buffers = [graph.placeholder(f"buffer_{out.name}") for out in region.outputs]
+    for out, buffer in zip(region.outputs, buffers):
+        buffer.meta[VALUE] = reused.get(out, out).meta[VALUE]
+    graph.output(None)
+    uniform = len({n for _, n in ranges}) == 1
+    emit = Emitter(graph, start, ranges[0][1] if uniform else length)
+    env: dict[fx.Node, fx.Node] = dict(inside)
+    slices: dict[tuple[fx.Node, Location | None], fx.Node] = {}
+    for node in nodes:
+        env[node] = _emit_chunk_node(emit, node, region, env, slices, moments)
+    for out, buffer in zip(region.outputs, buffers):
+        write(emit, buffer, env[out], region.slicings[out].outputs[0])
+    for node in emit.created:
+        node.meta[REGION] = tag
+    index = {node: i for i, node in enumerate(inputs)}
+    spec = LoopSpec(
+        ranges=tuple(ranges), inputs=len(inputs),
+        buffers=tuple(Buffer(_shape(out), out.meta[VALUE].dtype, out.meta[VALUE].device,
+                             index[reused[out]] if out in reused else None) for out in region.outputs),
+        moments=tuple(Moments(index[norm.args[0]], _chunking(region.slicings[norm].inputs[0]), norm.args[1])
+                      for norm in norms))
+    return fx.GraphModule(torch.nn.Module(), graph), {node: env[node] for node in nodes}, spec
+
+
+def _chunking(loc: Location) -> Chunking:
+    return Chunking(loc.dim, loc.outer, loc.extent, loc.inner)
+
+
+def _common_stack(nodes: list[fx.Node]) -> dict:
+    """The module stack entries every node of the region shares (outermost first)."""
+    stacks = [dict(n.meta.get(MODULE_STACK) or {}) for n in nodes]
+    common = {}
+    for key, value in stacks[0].items():
+        if not all(s.get(key) == value for s in stacks[1:]):
+            break
+        common[key] = value
+    return common
+
+
 def _emit_chunk_node(emit: Emitter, node: fx.Node, region: Region, env: dict, slices: dict,
-                     moments: dict, start: int, length: int) -> fx.Node:
+                     moments: dict) -> fx.Node:
     s = region.slicings[node]
     if node.target is operator.getitem:
         return emit(operator.getitem, (env[node.args[0]], node.args[1]), like=node)
@@ -169,17 +219,15 @@ def _emit_chunk_node(emit: Emitter, node: fx.Node, region: Region, env: dict, sl
 
     def chunk_of(arg: Any) -> Any:
         nonlocal position
-        if not (isinstance(arg, fx.Node) and isinstance(arg.meta.get("val"), torch.Tensor)):
-            return arg
+        if not (isinstance(arg, fx.Node) and isinstance(arg.meta.get(VALUE), torch.Tensor)):
+            return env.get(arg, arg) if isinstance(arg, fx.Node) else arg
         loc = s.inputs[position]
         position += 1
-        if arg in env:
+        if loc is None or arg in region.slicings:
             return env[arg]
-        if loc is None:
-            return arg
         key = (arg, loc)
         if key not in slices:
-            slices[key] = take(emit, arg, loc, start, length)
+            slices[key] = take(emit, env[arg], loc)
         return slices[key]
 
     args = fx.node.map_aggregate(node.args, chunk_of)
@@ -191,33 +239,25 @@ def _emit_chunk_node(emit: Emitter, node: fx.Node, region: Region, env: dict, sl
                                                     num_groups=node.args[1], eps=eps, silu=False, pre_add=None),
                     like=node)
     out_loc = s.outputs[0]
-    val = node.meta["val"]
+    val = node.meta[VALUE]
     if isinstance(val, torch.Tensor):
-        chunk_shape = _chunk_shape(tuple(int(d) for d in val.shape), out_loc, length)
+        chunk_shape = emit.chunk_shape(tuple(int(d) for d in val.shape), out_loc)
         args, kwargs = rule_for(node).rewrite(node, tuple(args), dict(kwargs), chunk_shape, out_loc.dim)
     return emit(node.target, tuple(args), dict(kwargs), like=node)
-
-
-def _moments(emit: Emitter, norm: fx.Node, loc: Location, ranges: list[tuple[int, int]]) -> fx.Node:
-    """Statistics of a GroupNorm's whole input, accumulated chunk by chunk."""
-    x, groups = norm.args[0], norm.args[1]
-    parts = [emit(fme.gn_moments.default, (), {"x": take(emit, x, loc, start, length), "num_groups": groups},
-                  like=norm)
-             for start, length in ranges]
-    return emit(fme.merge_moments.default, (), {"parts": parts}, like=norm)
 
 
 def _move_after_block(before: fx.Node, created: list[fx.Node], buffers: set[fx.Node],
                       anchor: fx.Node) -> None:
     """Outside nodes that sat between the region's ops and read its outputs now read the
-    buffers, which the block fills: they move after it, keeping their order. (A buffer
-    may be an input the loop writes into, placed before the region: its readers from
-    there on are such nodes, since nothing else may read it then; see reusable_inputs.)
+    loop's `buffers` (its getitems), which exist only after it: they move after it,
+    keeping their order. `created` is the block placed before `anchor` (the loop node and
+    its getitems; in tests, any block).
 
-    Moving a node that writes a storage in place (another loop's copy_ into its buffer)
-    moves with it every later access of that storage, and moving a reader moves every
-    later write of what it read: FX edges do not link a copy_ to the reads of the buffer
-    it fills, so data flow alone would leave those reads before the writes they need."""
+    Moving a node that writes a storage in place (another loop's write into its buffer
+    inside a body, or a loop that reuses an input) moves with it every later access of
+    that storage, and moving a reader moves every later write of what it read: FX edges
+    do not link a copy_ to the reads of the buffer it fills, so data flow alone would leave
+    those reads before the writes they need."""
     if not created:
         return
     window = []

@@ -1,6 +1,6 @@
 """The slicer's plan: the regions of a graph (before any chunk count is chosen), their
 chunk counts from the config, and applying a plan: the batch loop first, then the frame
-and pixel regions re-derived for each batch chunk's copy of their nodes (see slicer.py).
+and pixel regions re-derived on the batch loop's body (see slicer.py).
 """
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typing import Any
 import torch.fx as fx
 
 from fmecompile.config import Config
-from fmecompile.ir import module_path, refresh_meta
+from fmecompile.ir import loop_bodies, module_path, refresh_meta
 
 from ..liveness import class_lookup, may_alias_classes, predicted_peak
 from .analysis import analyze
@@ -45,11 +45,9 @@ class SlicePlan:
 
 @dataclass
 class Applied:
-    """What applying a plan did: one record per emitted loop, and the regions as emitted
-    (inner ones once per batch chunk) by key."""
+    """What applying a plan did: one record per emitted loop."""
 
     records: list[dict[str, Any]] = field(default_factory=list)
-    instances: dict[Key, list[Region]] = field(default_factory=dict)
 
 
 def find_plan(gm: fx.GraphModule, config: Config) -> SlicePlan:
@@ -83,40 +81,57 @@ def fixed_count(config: Config, region: Region) -> int:
     return min(count or region.extent, region.extent)
 
 
-def apply_plan(gm: fx.GraphModule, plan: SlicePlan, counts: dict[Key, int],
-               first_chunk_only: bool = False) -> Applied:
+def apply_plan(gm: fx.GraphModule, plan: SlicePlan, counts: dict[Key, int]) -> Applied:
     """Emits the plan's loops into `gm` (the graph the plan was found on, or a copy made
-    with copy_with_map and the plan remapped). `first_chunk_only`: see emit_region."""
+    with copy_with_map and the plan remapped): the batch loops first, then the frame and
+    pixel loops, inside a batch loop's body where their ops went there."""
     applied = Applied()
-    copies: dict[fx.Node, list[fx.Node]] = {}
+    copies: dict[fx.Node, fx.Node] = {}
     for index, region in enumerate(plan.batch):
         key = ("batch", index)
-        if counts[key] >= 2:
-            applied.records.append(_describe(region, plan.analysis.run_name(region.run), counts[key]))
-            applied.instances[key] = [region]
-            copies.update(emit_region(gm, region, counts[key], key, first_chunk_only))
+        chunks = even_chunks(region.extent, counts[key])
+        if chunks >= 2:
+            applied.records.append(_describe(region, plan.analysis.run_name(region.run), chunks))
+            copies.update(emit_region(region, chunks, key))
     if copies:
         refresh_meta(gm)
-    analysis = analyze(gm) if copies else plan.analysis
-    order = {n: i for i, n in enumerate(gm.graph.nodes)}
-    classes = class_lookup(may_alias_classes(gm.graph)) if copies else None
+    graphs: dict[fx.Graph, tuple] = {}  # per graph holding inner regions: analysis, order, alias classes
     emitting = []
     for index, region in enumerate(plan.inner):
         key = ("inner", index)
-        for nodes in _instances(region, copies):
-            instance = rebuild(region, nodes, analysis, order, classes) if copies else region
-            if instance is not None and min(counts[key], instance.extent) >= 2:
-                emitting.append((key, instance))
-    for key, region in emitting:  # all rebuilt before any is emitted: emitting changes the graph
+        nodes = _instance(region, copies)
+        if nodes is None:
+            continue
+        if copies and nodes[0].graph not in graphs:
+            graphs[nodes[0].graph] = _describe_graph(nodes[0].graph)
+        analysis, order, classes = graphs.get(nodes[0].graph, (plan.analysis, None, None))
+        instance = rebuild(region, nodes, analysis, order, classes) if copies else region
+        if instance is not None and min(counts[key], instance.extent) >= 2:
+            emitting.append((key, instance, analysis))
+    for key, region, analysis in emitting:  # all rebuilt before any is emitted: emitting changes the graph
         chunks = min(counts[key], region.extent)
         applied.records.append(_describe(region, analysis.run_name(region.run), chunks))
-        applied.instances.setdefault(key, []).append(region)
-        emit_region(gm, region, chunks, key, first_chunk_only)
-    gm.graph.lint()
-    gm.graph.eliminate_dead_code()
-    gm.recompile()
+        emit_region(region, chunks, key)
+    for graph_module in [gm, *loop_bodies(gm)]:
+        graph_module.graph.lint()
+        graph_module.graph.eliminate_dead_code()
+        graph_module.recompile()
     refresh_meta(gm)
     return applied
+
+
+def even_chunks(extent: int, requested: int) -> int:
+    """A batch loop's chunk count: the fewest chunks, at least `requested`, that divide the
+    batch evenly. The frame and pixel loops inside its body are planned for one batch
+    chunk's length, so every batch chunk must have that length."""
+    requested = max(1, min(requested, extent))
+    return next(n for n in range(requested, extent + 1) if extent % n == 0)
+
+
+def _describe_graph(graph: fx.Graph) -> tuple:
+    """What rebuilding regions on a graph needs: its analysis, node order, alias classes."""
+    return (analyze(graph.owning_module), {n: i for i, n in enumerate(graph.nodes)},
+            class_lookup(may_alias_classes(graph)))
 
 
 def remap_plan(plan: SlicePlan, val_map: dict[fx.Node, fx.Node]) -> SlicePlan:
@@ -125,15 +140,15 @@ def remap_plan(plan: SlicePlan, val_map: dict[fx.Node, fx.Node]) -> SlicePlan:
                      [r.remap(val_map) for r in plan.inner], plan.peak_before)
 
 
-def _instances(region: Region, copies: dict[fx.Node, list[fx.Node]]) -> list[list[fx.Node]]:
-    """The region's nodes in each chunk of the batch loop around it (or the nodes
-    themselves if no loop copied them; nothing if a loop copied only some)."""
-    copied = [n in copies for n in region.nodes]
+def _instance(region: Region, copies: dict[fx.Node, fx.Node]) -> list[fx.Node] | None:
+    """The region's nodes, or their copies in the body of the batch loop around it (None
+    if a loop copied only some of them, or into two bodies)."""
+    copied = [copies.get(n) for n in region.nodes]
     if not any(copied):
-        return [region.nodes]
-    if not all(copied):
-        return []
-    return [list(nodes) for nodes in zip(*(copies[n] for n in region.nodes))]
+        return region.nodes
+    if not all(copied) or len({n.graph for n in copied}) != 1:
+        return None
+    return copied
 
 
 def _describe(region: Region, axis: str, chunks: int) -> dict[str, Any]:

@@ -11,7 +11,7 @@ Two levels of loops:
 Both partitions are found on the graph as captured, where batch and frames are still two
 atoms of one dim (once the batch is chunked, spatial and temporal layers would both hold
 frames as a whole dim and could no longer be told apart); the inner regions are then
-re-derived for each batch chunk's copy of their nodes.
+re-derived on the batch loop's body, where they become loops inside it.
 
 Chunk counts come from the config, or from `memory_budget` (budget.py), or default
 to what fixed_count picks from the region's sizes.
@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch.fx as fx
 
 from fmecompile.config import Config
-from fmecompile.ir import copy_with_map
+from fmecompile.ir import computing_nodes, copy_with_map, node_count
 
 from ..liveness import predicted_peak
 from ..registry import PassResult
@@ -60,7 +60,9 @@ def slice_pass(gm: fx.GraphModule, config: Config) -> PassResult:
         "predicted_peak_before_bytes": plan.peak_before,
         "memory_budget": config.memory_budget,
         "nodes_before": nodes_before,
-        "nodes_after": len(result.graph.nodes),
+        "nodes_after": node_count(result),
+        "ops_before": computing_nodes(gm),
+        "ops_after": computing_nodes(result),
         "region_list": records,
     }
     if planning is not None:

@@ -1,0 +1,133 @@
+"""A slicer loop in the canonical graph: one `call_module` node whose module is a
+`ChunkLoop`, a body graph run once per chunk of an axis.
+
+The body is one chunk of the region, written once for every chunk: its placeholders are
+`start` and `length` (the chunk, in units of the axis), the loop's inputs whole, the
+statistics of its two-phase normalizations, and the output buffers. It takes its chunk of
+each input itself (a narrow, or a view, narrow and reshape where the axis is not the
+outer part of its dim), runs the region's ops on it and copies each result into its
+chunk of the buffer, so a chunk's intermediates die before the next chunk starts and the
+body's memory is measured like any graph's. Sizes that depend on the chunk length are
+int nodes computed from `length` (an uneven tail runs the same body); a loop whose chunks
+are all one length keeps them as constants.
+
+The loop allocates the buffers it returns (or writes an output into the storage of an
+input that dies in the loop: `Buffer.reuses`), takes each normalization's statistics
+over all chunks of its input first (fme::gn_moments per chunk, fme::merge_moments), then
+runs the body over the schedule. Under fake tensors (meta refresh) the body runs once per
+distinct chunk length: every shape is checked, no chunk's work is repeated.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import torch.fx as fx
+from torch._subclasses.fake_tensor import FakeTensor
+
+
+@dataclass(frozen=True)
+class Chunking:
+    """Where the axis sits in a tensor: dim `dim`, of size outer * extent * inner."""
+
+    dim: int
+    outer: int
+    extent: int
+    inner: int
+
+
+@dataclass(frozen=True)
+class Buffer:
+    """An output of the loop: a new tensor, or the storage of input `reuses`."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    device: torch.device
+    reuses: int | None = None
+
+
+@dataclass(frozen=True)
+class Moments:
+    """A two-phase GroupNorm's statistics, over every chunk of loop input `input`."""
+
+    input: int
+    chunking: Chunking
+    num_groups: int
+
+
+@dataclass(frozen=True)
+class LoopSpec:
+    ranges: tuple[tuple[int, int], ...]  # (start, length) of each chunk, in order
+    inputs: int  # how many inputs the loop node takes
+    buffers: tuple[Buffer, ...]
+    moments: tuple[Moments, ...] = ()
+
+
+# The body's leading placeholders, before the inputs, statistics and buffers.
+START, LENGTH = "start", "length"
+
+
+class ChunkLoop(torch.nn.Module):
+    def __init__(self, body: fx.GraphModule, spec: LoopSpec) -> None:
+        super().__init__()
+        self.body = body
+        self.spec = spec
+
+    def forward(self, *inputs: Any) -> tuple[torch.Tensor, ...]:
+        return self.run(inputs)
+
+    def run(self, inputs: tuple, first: Callable[..., Any] | None = None) -> tuple[torch.Tensor, ...]:
+        """The loop; `first` (if given) runs the body for the first chunk instead of it
+        (the meta refresh records the body's values there)."""
+        spec = self.spec
+        moments = [_moments(inputs[m.input], m, spec.ranges) for m in spec.moments]
+        buffers = [inputs[b.reuses] if b.reuses is not None
+                   else torch.empty(b.shape, dtype=b.dtype, device=b.device) for b in spec.buffers]
+        for index, (start, length) in enumerate(self.schedule(inputs)):
+            body = first if first is not None and index == 0 else self.body
+            body(start, length, *inputs, *moments, *buffers)
+        return tuple(buffers)
+
+    def schedule(self, inputs: tuple) -> list[tuple[int, int]]:
+        """The chunks to run: all of them, or under fake tensors one of each length."""
+        if not any(isinstance(t, FakeTensor) for t in inputs):
+            return list(self.spec.ranges)
+        lengths: dict[int, tuple[int, int]] = {}
+        for start, length in self.spec.ranges:
+            lengths.setdefault(length, (start, length))
+        return list(lengths.values())
+
+    def placeholders(self) -> dict[str, list[fx.Node]]:
+        """The body's placeholders by role: start, length, inputs, moments, buffers."""
+        nodes = [n for n in self.body.graph.nodes if n.op == "placeholder"]
+        spec = self.spec
+        inputs_end = 2 + spec.inputs
+        moments_end = inputs_end + len(spec.moments)
+        return {START: nodes[:1], LENGTH: nodes[1:2], "inputs": nodes[2:inputs_end],
+                "moments": nodes[inputs_end:moments_end], "buffers": nodes[moments_end:]}
+
+
+def loop_of(node: fx.Node) -> ChunkLoop | None:
+    """The loop a `call_module` node runs, or None."""
+    if node.op != "call_module":
+        return None
+    module = node.graph.owning_module.get_submodule(node.target)
+    return module if isinstance(module, ChunkLoop) else None
+
+
+def take(x: torch.Tensor, chunking: Chunking, start: int, length: int) -> torch.Tensor:
+    """The chunk [start, start + length) of the axis of `x`."""
+    c = chunking
+    if c.outer == 1:
+        return x.narrow(c.dim, start * c.inner, length * c.inner)
+    shape = tuple(x.shape)
+    split = x.view(shape[:c.dim] + (c.outer, c.extent * c.inner) + shape[c.dim + 1:])
+    part = split.narrow(c.dim + 1, start * c.inner, length * c.inner)
+    return part.reshape(shape[:c.dim] + (c.outer * length * c.inner,) + shape[c.dim + 1:])
+
+
+def _moments(x: torch.Tensor, moments: Moments, ranges: tuple[tuple[int, int], ...]) -> torch.Tensor:
+    parts = [torch.ops.fme.gn_moments(take(x, moments.chunking, start, length), moments.num_groups)
+             for start, length in ranges]
+    return torch.ops.fme.merge_moments(parts)
