@@ -7,8 +7,10 @@
 #   device run, carry [".whl"]:  bash benchmarks/gpu_verify.sh
 #   dry run here, tiny models on the CPU:  DRY_RUN=1 OUT=/tmp/verify bash benchmarks/gpu_verify.sh
 #
-# Not yet here (owed with the loop representation of issue 14): the with/without CUDA
-# graphs rows.
+# On CUDA, `fme bench` measures slice+group with CUDA graphs and, in the same run, without
+# them (the "without CUDA graphs" row), each against stock eager: activation peak, GPU
+# latency, host ms (until the call returns), rel L2; the JSON's report says per graph
+# whether it was captured.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results}

@@ -25,7 +25,9 @@ from fmecompile.passes.manager import check_passes_available, run_passes
 from .capture import capture_dynamo, dynamo_input_roles
 from .config import Config
 from .contract import checked_call
+from .cuda_graphs import GraphReplay
 from .errors import ConfigError
+from .ir import node_count
 
 log = logging.getLogger("fmecompile")
 
@@ -69,13 +71,15 @@ def _fme_backend(gm: fx.GraphModule, options: dict | None, unsupported: dict) ->
 
 
 class SpecializingGraph:
-    """Runs a dynamo graph through one compiled program per distinct input signature."""
+    """Runs a dynamo graph through one compiled program per distinct input signature (on
+    CUDA through a CUDA graph of it, where one can be captured: cuda_graphs.py)."""
 
     def __init__(self, gm: fx.GraphModule, config: Config) -> None:
         self.gm = gm
         self.roles = dynamo_input_roles(gm)
         self.config = config
         self.programs: dict[Hashable, fx.GraphModule] = {}
+        self.replays: dict[Hashable, GraphReplay] = {}
         self.reports: dict[Hashable, dict] = {}
 
     @torch._dynamo.disable
@@ -84,20 +88,21 @@ class SpecializingGraph:
             (tuple(a.shape), a.dtype, a.device) if isinstance(a, torch.Tensor) else (type(a), a)
             for a in args
         )
-        program = self.programs.get(key)
-        if program is None:
-            program = self._compile(args, key)
+        replay = self.replays.get(key)
+        if replay is None:
+            replay = self._compile(args, key)
             if self.config.check:
-                return checked_call(lambda: program(*args), lambda: self.gm(*args), self.gm,
+                return checked_call(lambda: replay(*args), lambda: self.gm(*args), self.gm,
                                     self.config.passes)[0]
-        return program(*args)
+        return replay(*args)
 
-    def _compile(self, args: Sequence[Any], key: Hashable) -> fx.GraphModule:
+    def _compile(self, args: Sequence[Any], key: Hashable) -> GraphReplay:
         start = time.perf_counter()
         canonical = capture_dynamo(self.gm, self.roles, args)
         program, report = run_passes(canonical, self.config)
         self.programs[key] = program
+        self.replays[key] = GraphReplay(program, self.config.cuda_graphs)
         self.reports[key] = report
         log.info("fme backend: compiled a graph of %d nodes in %.1fs; report %s",
-                 len(program.graph.nodes), time.perf_counter() - start, report)
-        return program
+                 node_count(program), time.perf_counter() - start, report)
+        return self.replays[key]

@@ -7,6 +7,7 @@ import itertools
 import logging
 import sys
 import time
+from dataclasses import replace
 from typing import Sequence
 
 import torch
@@ -204,7 +205,10 @@ def run_bench(args: argparse.Namespace) -> int:
         raise ConfigError(f"unknown baseline(s) {unknown}; choose from {list(BASELINES)}")
     variants = [Variant("stock eager", None)]
     variants += [Variant(f"stock {b}", None, baseline=b) for b in baselines]
-    result = compare(case, variants + [Variant(label, config)], repeats=args.repeats, warmup=args.warmup)
+    variants.append(Variant(label, config))
+    if torch.device(case.device).type == "cuda" and config.passes:  # what CUDA graphs bring, same run
+        variants.append(Variant(f"{label} without CUDA graphs", replace(config, cuda_graphs=False)))
+    result = compare(case, variants, repeats=args.repeats, warmup=args.warmup)
     print(format_table(result))
     path = args.json or (f"bench-{case.model}-f{case.frames}-{case.height}x{case.width}"
                          f"-b{case.batch}-{case.dtype}-{torch.device(case.device).type}.json")

@@ -159,7 +159,8 @@ class CompiledModule(torch.nn.Module):
 
     @property
     def report(self) -> dict[str, Any]:
-        report = self.current_program().report
+        program = self.current_program()
+        report = {**program.report, "cuda_graphs": program.cuda_graphs()}
         if self.steps is not None:
             report = {**report, "rehash": {**report["rehash"], **self.steps.describe()}}
         return report

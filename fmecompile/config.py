@@ -45,6 +45,9 @@ class Config:
         fmecompile.CheckWarning (a warning, not an error: in an ill-conditioned fp32 model
         rounding alone can exceed a fixed bound; check(..., float64=True) tells them apart).
         Costs one eager call per signature.
+    cuda_graphs: on CUDA inputs, capture each compiled graph once as a CUDA graph and
+        replay it (fmecompile/cuda_graphs.py); where capture is impossible the graph runs
+        without one and the report says why. False: never capture.
     """
 
     passes: tuple[str, ...] = EXACT_PASSES
@@ -59,6 +62,7 @@ class Config:
     cache_point: str | None = None
     group_patterns: tuple[str, ...] | None = None
     check: bool = False
+    cuda_graphs: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "passes", _normalize_passes(self.passes))
@@ -70,8 +74,9 @@ class Config:
             except ConfigError as err:
                 raise ConfigError(f"memory_budget: {err}") from None
         _check_positive_int("memory_budget", self.memory_budget)
-        if not isinstance(self.check, bool):
-            raise ConfigError(f"check must be True or False, got {self.check!r}")
+        for name in ("check", "cuda_graphs"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.schedule is not None:
             object.__setattr__(self, "schedule", _normalize_schedule(self.schedule))
         self._check_rehash_fields()

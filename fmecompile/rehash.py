@@ -145,16 +145,18 @@ class RehashExecutor:
     """Runs one program's full graph on full steps (it returns the cached feature last) and
     its partial graph on reused steps (it takes the feature as its last input)."""
 
-    def __init__(self, graphs: dict[str, fx.GraphModule], steps: StepRunner) -> None:
-        self.main_graph, self.partial_graph, self.steps = graphs[FULL], graphs[PARTIAL], steps
+    def __init__(self, graphs: dict[str, fx.GraphModule], replays: dict[str, Callable[..., Any]],
+                 steps: StepRunner) -> None:
+        self.main_graph, self.steps = graphs[FULL], steps
+        self.run_full, self.run_partial = replays[FULL], replays[PARTIAL]
 
     def __call__(self, flat: list[Any], named: dict[str, Any]) -> list[Any]:
         key, feature = self.steps.feature(self, named)
         if feature is None:
-            *outputs, feature = self.main_graph(*flat)
+            *outputs, feature = self.run_full(*flat)
             self.steps.keep(key, feature)
             return outputs
-        return list(self.partial_graph(*flat, feature))
+        return list(self.run_partial(*flat, feature))
 
 
 def timestep_value(named: dict[str, Any]) -> float:

@@ -22,6 +22,7 @@ from fmecompile.passes.manager import compile_graphs
 
 from .capture import Captured
 from .config import Config
+from .cuda_graphs import GraphReplay
 from .ir import BUFFER, CONSTANT, PARAMETER, GraphInput, graph_inputs
 from .rehash import RehashExecutor, StepRunner
 
@@ -35,15 +36,18 @@ class Executor(Protocol):
 class GraphExecutor:
     """Runs the one graph of a program compiled without rehash."""
 
-    def __init__(self, graphs: dict[str, fx.GraphModule]) -> None:
-        (self.main_graph,) = graphs.values()
+    def __init__(self, graphs: dict[str, fx.GraphModule], replays: dict[str, Callable[..., Any]]) -> None:
+        ((name, self.main_graph),) = graphs.items()
+        self.run = replays[name]
 
     def __call__(self, flat: list[Any], named: dict[str, Any]) -> list[Any]:
-        return list(self.main_graph(*flat))
+        return list(self.run(*flat))
 
 
-def executor_for(graphs: dict[str, fx.GraphModule], steps: StepRunner | None) -> Executor:
-    return GraphExecutor(graphs) if steps is None else RehashExecutor(graphs, steps)
+def executor_for(graphs: dict[str, fx.GraphModule], steps: StepRunner | None,
+                 replays: dict[str, Callable[..., Any]]) -> Executor:
+    """The executor of a program's graphs; `replays` run them (GraphReplay, by name)."""
+    return GraphExecutor(graphs, replays) if steps is None else RehashExecutor(graphs, replays, steps)
 
 
 class Program:
@@ -62,7 +66,9 @@ class Program:
         self.in_spec = in_spec
         self.out_spec = out_spec
         self.compile_seconds = compile_seconds
-        self.executor = executor_for(graphs, steps)
+        # Each graph through a CUDA graph where it can be captured (at its first call).
+        self.replays = {name: GraphReplay(gm, config.cuda_graphs) for name, gm in graphs.items()}
+        self.executor = executor_for(graphs, steps, self.replays)
         # What each placeholder of the main graph is: the passes keep the captured roles.
         self.inputs = graph_inputs(self.executor.main_graph)
         user_index = itertools.count()
@@ -75,6 +81,10 @@ class Program:
         graphs, report = compile_graphs(captured.graph_module, config)
         return cls(graphs, report, config, captured.constants, captured.in_spec,
                    captured.out_spec, module, captured.seconds + time.perf_counter() - start, steps)
+
+    def cuda_graphs(self) -> dict[str, str | None]:
+        """Per graph: "captured", or why it runs without a CUDA graph (None: not called yet)."""
+        return {name: replay.status for name, replay in self.replays.items()}
 
     @property
     def graph_module(self) -> fx.GraphModule:

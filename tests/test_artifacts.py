@@ -74,7 +74,8 @@ def test_loaded_module_keeps_plan_and_refuses_other_inputs(saved):
     path, model, inputs, compiled, expected = saved
     loaded = fme.load(path, model)
     assert isinstance(loaded, fme.CompiledModule)
-    assert loaded.report == json.loads(json.dumps(compiled.report, default=str))
+    plan = lambda report: {k: v for k, v in report.items() if k != "cuda_graphs"}  # noqa: E731 (call-time state)
+    assert plan(loaded.report) == json.loads(json.dumps(plan(compiled.report), default=str))
     assert loaded.report["slice"] and loaded.report["group"]
     with torch.no_grad():
         assert torch.equal(loaded(**inputs).sample, expected)

@@ -26,7 +26,7 @@ def test_aot_identity_is_bit_exact(any_tiny):
     assert type(out) is type(ref)
     for got, want in zip(_leaves(out), _leaves(ref), strict=True):
         assert torch.equal(got, want)
-    assert compiled.report == {}
+    assert compiled.report == {"cuda_graphs": {"main": "inputs on cpu (CUDA graphs need CUDA)"}}  # no pass ran
 
 
 def test_torch_compile_identity_is_bit_exact(any_tiny):

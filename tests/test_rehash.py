@@ -35,7 +35,7 @@ class CountingGraph(torch.nn.Module):
 def count_runs(compiled) -> dict[str, CountingGraph]:
     program = compiled.current_program()
     program.graphs = {name: CountingGraph(gm) for name, gm in program.graphs.items()}
-    program.executor = executor_for(program.graphs, compiled.steps)
+    program.executor = executor_for(program.graphs, compiled.steps, replays=program.graphs)  # no CUDA graphs: count runs
     return program.graphs
 
 

@@ -18,13 +18,13 @@ PACKAGES = {"fmecompile": "fmecompile", "passes": "fmecompile.passes", "kernels"
 # with a matching pattern is a module's layer.
 LAYERS = [
     ("foundation", ("fmecompile.version", "fmecompile.errors", "fmecompile.messages", "fmecompile.progress",
-                    "fmecompile.ir")),
+                    "fmecompile.loop", "fmecompile.ir")),
     ("pass declarations", ("fmecompile.passes.registry", "fmecompile.passes.group.patterns",
                            "fmecompile.passes")),  # the bare package: a docstring
     ("config", ("fmecompile.config",)),
     ("capture and kernels", ("fmecompile.diagnose", "fmecompile.capture", "fmecompile.kernels.*")),
     ("passes", ("fmecompile.passes.*",)),
-    ("runtime", ("fmecompile.contract", "fmecompile.rehash", "fmecompile.runtime", "fmecompile.compiled",
+    ("runtime", ("fmecompile.contract", "fmecompile.cuda_graphs", "fmecompile.rehash", "fmecompile.runtime", "fmecompile.compiled",
                  "fmecompile.backend")),
     ("artifacts", ("fmecompile.graph_file", "fmecompile.artifacts")),
     ("api", ("fmecompile.check", "fmecompile.optimize", "fmecompile")),  # the bare package: the public API

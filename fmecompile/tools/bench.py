@@ -59,6 +59,7 @@ class Row:
     device_used: int | None
     latency_ms: float
     latencies_ms: list[float]
+    host_ms: float  # until the call returned, before synchronizing (see meters.time_call)
     compile_s: float | None
     rel_l2: float | None
     max_abs: float | None
@@ -120,12 +121,15 @@ def compare(case: Case, variants: Sequence[Variant], repeats: int = 3, warmup: i
             out, memory = measure_memory(fn, case.device, compiled=inductor)
             if inductor and torch.device(case.device).type == "cpu":
                 report = _allocator_note(target, inputs, memory)
-            times = time_call(fn, case.device, repeats=repeats, warmup=warmup,
+            host: list[float] = []
+            times = time_call(fn, case.device, repeats=repeats, warmup=warmup, host_times=host,
                               on_step=lambda i, n: log.info("  %s: timed run %d/%d", variant.label, i, n))
+        if variant.config is not None:  # whether the calls ran through CUDA graphs, and if not why
+            report = {**report, "cuda_graphs": compiled.report["cuda_graphs"]}
         if reference is None:
             reference = out
         rel_l2, max_abs = output_error(out, reference)
-        rows.append(_row(variant, memory, times, compile_s, rel_l2, max_abs, report))
+        rows.append(_row(variant, memory, times, host, compile_s, rel_l2, max_abs, report))
         if "stock_allocator_peak" in report:  # the table says which meter this row's peak is on
             rows[-1].label += f" [allocator meter; stock eager on it: {format_bytes(report['stock_allocator_peak'])}]"
         del out
@@ -199,8 +203,8 @@ def decode_in_chunks(decode: Callable[..., Any], inputs: dict[str, Any], frames_
     return DecoderOutput(sample=torch.cat(parts))
 
 
-def _row(variant: Variant, memory: MemoryReading, times: list[float], compile_s: float | None,
-         rel_l2: float, max_abs: float, report: dict) -> Row:
+def _row(variant: Variant, memory: MemoryReading, times: list[float], host: list[float],
+         compile_s: float | None, rel_l2: float, max_abs: float, report: dict) -> Row:
     return Row(
         label=variant.label,
         passes=list(variant.config.passes) if variant.config is not None else None,
@@ -210,6 +214,7 @@ def _row(variant: Variant, memory: MemoryReading, times: list[float], compile_s:
         device_used=memory.device_used,
         latency_ms=statistics.median(times) * 1e3,
         latencies_ms=[t * 1e3 for t in times],
+        host_ms=statistics.median(host) * 1e3,
         compile_s=compile_s,
         rel_l2=rel_l2,
         max_abs=max_abs,
@@ -283,8 +288,8 @@ def format_table(result: dict[str, Any]) -> str:
     return "\n".join([title, *markdown_table(["variant", *ROW_HEADER], lines)])
 
 
-ROW_HEADER = ("act. peak", "vs stock", "reserved", "NVML used", "latency ms", "vs stock", "compile s",
-              "rel L2", "max abs")
+ROW_HEADER = ("act. peak", "vs stock", "reserved", "NVML used", "latency ms", "vs stock", "host ms",
+              "compile s", "rel L2", "max abs")
 
 
 def row_cells(row: dict[str, Any], stock: dict[str, Any]) -> list[str]:
@@ -292,6 +297,7 @@ def row_cells(row: dict[str, Any], stock: dict[str, Any]) -> list[str]:
     return [*memory_cells(row, stock),
             f"{row['latency_ms']:.1f}",
             f"{row['latency_ms'] / stock['latency_ms']:.3f}x",
+            f"{row['host_ms']:.1f}",
             "-" if row["compile_s"] is None else f"{row['compile_s']:.1f}",
             f"{row['rel_l2']:.2e}",
             f"{row['max_abs']:.2e}"]

@@ -138,8 +138,11 @@ def nvml_used(device: torch.device) -> int | None:
 
 
 def time_call(fn: Callable[[], Any], device: torch.device | str, repeats: int = 3, warmup: int = 1,
-              on_step: Callable[[int, int], None] | None = None) -> list[float]:
-    """Wall times in seconds of `repeats` calls after `warmup` calls, synchronized on CUDA."""
+              on_step: Callable[[int, int], None] | None = None,
+              host_times: list[float] | None = None) -> list[float]:
+    """Wall times in seconds of `repeats` calls after `warmup` calls, synchronized on CUDA.
+    `host_times` (if given) receives the time until each call returned, before the
+    synchronization: the host's share of a GPU call (the whole call on the CPU)."""
     device = torch.device(device)
 
     def sync() -> None:
@@ -153,6 +156,8 @@ def time_call(fn: Callable[[], Any], device: torch.device | str, repeats: int = 
         sync()
         start = time.perf_counter()
         fn()
+        if host_times is not None:
+            host_times.append(time.perf_counter() - start)
         sync()
         times.append(time.perf_counter() - start)
         if on_step:
