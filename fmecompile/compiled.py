@@ -26,6 +26,7 @@ from .config import Config
 from .contract import checked_call
 from .errors import ConfigError, FmeError, InputError
 from .messages import describe_inputs
+from .offload import call_onloaded, hooks_hidden
 from .rehash import TIMESTEP_ARGUMENT, StepRunner
 from .runtime import Program
 
@@ -68,12 +69,14 @@ class CompiledModule(torch.nn.Module):
     # -- calling ----------------------------------------------------------------------
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        bound = self.bind(args, kwargs)
-        return self._call(self._program_of(bound), bound)
+        # An offloaded module's weights are onloaded first: programs are keyed, captured
+        # and run with them on the execution device (see fmecompile/offload.py).
+        return call_onloaded(self.module, lambda bound: self._call(self._program_of(bound), bound),
+                             self.bind(args, kwargs))
 
     def program_for(self, *args: Any, **kwargs: Any) -> Program:
         """The program that serves this call, compiled if it is new; nothing runs."""
-        return self._program_of(self.bind(args, kwargs))
+        return call_onloaded(self.module, self._program_of, self.bind(args, kwargs))
 
     def _program_of(self, bound: dict[str, Any]) -> Program:
         program = self._programs.get(self._key(bound))
@@ -88,10 +91,16 @@ class CompiledModule(torch.nn.Module):
         if program not in self._unchecked:
             return program(bound)
         self._unchecked.discard(program)
-        out, result = checked_call(lambda: program(bound), lambda: getattr(self.module, self.method)(**bound),
+        out, result = checked_call(lambda: program(bound), lambda: self._eager(bound),
                                    self.module, self.fme_config.passes)
         self.checks.append(result)
         return out
+
+    def _eager(self, bound: dict[str, Any]) -> Any:
+        """The module's own code on the call, with its weights where they are now (its
+        offload hooks, if any, have already onloaded them)."""
+        with hooks_hidden(self.module):
+            return getattr(self.module, self.method)(**bound)
 
     def bind(self, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
         """The call's arguments by name, defaults filled in, as the module would see them."""
@@ -230,8 +239,7 @@ def compile(
     ahead of time for the example inputs `args`/`kwargs`, through torch.export."""
     target, method = split_method(module)
     compiled = CompiledModule(target, config, method)
-    named = compiled.bind(tuple(args), dict(kwargs or {}))
-    compiled.add_program(capture_module(target, method, named), named)
+    compiled.program_for(*args, **dict(kwargs or {}))
     return compiled
 
 

@@ -10,6 +10,11 @@ Both parts compile lazily, on their first call, once per input signature (see
 which is approximate and only meant for the UNet's denoising steps. Each video's frames are
 decoded in one call (SVD's `decode_chunk_size` is overridden): the compiled decoder slices
 them itself, and SVD's temporal decoder gives a different result on partial chunks.
+
+diffusers' weight offloading composes, switched on before or after optimize: the compiled
+parts run its hooks around each call (fmecompile/offload.py), and the pipeline's offload
+switches put their hooks on the original UNet. Other hooks on the UNet or VAE, which the
+compiled graphs would skip, are refused here.
 """
 from __future__ import annotations
 
@@ -21,6 +26,7 @@ from typing import Any, Callable
 
 import torch
 
+from . import offload
 from .compiled import CompiledModule
 from .config import Config
 from .errors import FmeError
@@ -58,14 +64,15 @@ class _Replaced:
     unet: torch.nn.Module | None = None
     vae: torch.nn.Module | None = None
     decode_latents: bool = False
-    save_pretrained: bool = False
-    offload_guards: tuple[str, ...] = ()
+    with_originals: tuple[str, ...] = ()  # pipeline methods wrapped by _run_with_originals
 
 
 def optimize(pipe: Any, config: Config | None = None) -> OptimizeSummary:
     """Compiles `pipe.unet` and `pipe.vae.decode` with `config` (default: Config(), the exact
     passes) in place; `pipe(...)` then runs as before, with the same outputs within rounding.
-    Every component should be on its device before (no CPU offload hooks)."""
+    Composes with diffusers' weight offloading (enable_model_cpu_offload,
+    enable_sequential_cpu_offload, group offloading), before or after optimize; refuses other
+    hooks on the UNet or VAE, which the compiled graphs would skip."""
     config = config if config is not None else Config()
     if not isinstance(config, Config):
         raise FmeError(f"config must be an fmecompile.Config, got {type(config).__name__}")
@@ -75,7 +82,7 @@ def optimize(pipe: Any, config: Config | None = None) -> OptimizeSummary:
     summary = OptimizeSummary()
     replaced = _Replaced()
     unet, vae = getattr(pipe, "unet", None), getattr(pipe, "vae", None)
-    _refuse_offloaded(pipe, {"unet": unet, "vae": vae})
+    _refuse_unknown_hooks(pipe, {"unet": unet, "vae": vae})
 
     # Every CompiledModule is made before anything is installed: a bad config fails here
     # and leaves the pipeline untouched.
@@ -97,8 +104,8 @@ def optimize(pipe: Any, config: Config | None = None) -> OptimizeSummary:
         summary.modules["vae.decode"] = compiled_decode
         replaced.decode_latents = _decode_whole_videos(pipe, summary)
     _note_other_components(pipe, summary)
-    replaced.save_pretrained = _save_original_components(pipe, replaced)
-    replaced.offload_guards = _guard_offload(pipe)
+    _note_offloading(summary)
+    replaced.with_originals = _run_with_originals(pipe, replaced)
     object.__setattr__(pipe, STATE_ATTRIBUTE, replaced)
     log.info("fmecompile.optimize(%s):\n%s", type(pipe).__name__, summary)
     return summary
@@ -117,9 +124,7 @@ def restore(pipe: Any) -> None:
         del replaced.vae.__dict__["decode"]
     if replaced.decode_latents:
         del pipe.__dict__["decode_latents"]
-    if replaced.save_pretrained:
-        del pipe.__dict__["save_pretrained"]
-    for name in replaced.offload_guards:
+    for name in replaced.with_originals:
         del pipe.__dict__[name]
     object.__delattr__(pipe, STATE_ATTRIBUTE)
 
@@ -242,25 +247,42 @@ _ENCODE_USE = {
 }
 
 
-def _save_original_components(pipe: Any, replaced: _Replaced) -> bool:
-    """Makes the pipeline's save_pretrained save the original UNet (diffusers skips a
-    component whose class it cannot save, and the folder would lack unet/). The compiled
-    UNet is back in place afterwards. Returns whether it installed that."""
-    original = getattr(pipe, "save_pretrained", None)
-    if original is None or replaced.unet is None:
-        return False
+# Pipeline methods that read or change the components themselves: they run with the original
+# UNet in place. save_pretrained: diffusers skips a component whose class it cannot save, and
+# the folder would lack unet/. The offload switches: their hooks go on the original UNet, where
+# the compiled one runs them (fmecompile/offload.py), and not on the CompiledModule, which
+# accelerate would mistake for the model (its attributes are the UNet's).
+_WITH_ORIGINALS = ("save_pretrained", "enable_model_cpu_offload", "enable_sequential_cpu_offload",
+                   "enable_group_offload", "maybe_free_model_hooks", "remove_all_hooks", "reset_device_map")
 
-    @functools.wraps(original)
-    def save_pretrained(*args: Any, **kwargs: Any) -> Any:
+
+def _run_with_originals(pipe: Any, replaced: _Replaced) -> tuple[str, ...]:
+    """Makes those methods of the pipeline run with the original UNet in place; the compiled
+    UNet is back afterwards. Returns the names installed."""
+    if replaced.unet is None:
+        return ()
+    installed = []
+    for name in _WITH_ORIGINALS:
+        original = getattr(pipe, name, None)
+        if callable(original):
+            pipe.__dict__[name] = _with_original_unet(pipe, replaced.unet, original)
+            installed.append(name)
+    return tuple(installed)
+
+
+def _with_original_unet(pipe: Any, unet: torch.nn.Module, method: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(method)
+    def run(*args: Any, **kwargs: Any) -> Any:
         compiled = pipe.unet
-        _set_unet(pipe, replaced.unet)
+        if compiled is unet:  # called from another of them (maybe_free_model_hooks does)
+            return method(*args, **kwargs)
+        _set_unet(pipe, unet)
         try:
-            return original(*args, **kwargs)
+            return method(*args, **kwargs)
         finally:
             _set_unet(pipe, compiled)
 
-    pipe.__dict__["save_pretrained"] = save_pretrained
-    return True
+    return run
 
 
 def _set_unet(pipe: Any, unet: torch.nn.Module) -> None:
@@ -274,48 +296,25 @@ def _set_unet(pipe: Any, unet: torch.nn.Module) -> None:
 
 # --- offloading ------------------------------------------------------------------------
 
-# Offload hooks run around a model's forward (accelerate's `_hf_hook`, diffusers' own
-# `_diffusers_hook` for group offloading) and move its weights on and off the device. The
-# compiled programs read the weights directly, without calling the model's forward or its
-# decode, so the hooks would not run: the weights would stay wherever the last hook left them.
-_OFFLOAD_METHODS = ("enable_model_cpu_offload", "enable_sequential_cpu_offload", "enable_group_offload")
-_OFFLOAD_ADVICE = ("fmecompile compiles models that stay on their device: keep every component on "
-                   "it (pipe.to('cuda')) and let the slice pass cut the activation memory instead")
+def _refuse_unknown_hooks(pipe: Any, parts: dict[str, Any]) -> None:
+    """Weight offloading composes (the compiled modules run its hooks around each call);
+    other hooks, which the compiled graphs would skip, are refused here."""
+    for name, part in parts.items():
+        why = offload.refusal(part) if isinstance(part, torch.nn.Module) else None
+        if why is not None:
+            raise FmeError(f"fmecompile.optimize cannot compile {type(pipe).__name__}'s {name}: {why}. "
+                           f"The pipeline is left as it was.")
 
 
-def _is_offloaded(module: torch.nn.Module) -> bool:
-    if hasattr(module, "_hf_hook"):
-        return True
-    registry = getattr(module, "_diffusers_hook", None)  # other diffusers hooks are not offloading
-    return registry is not None and any("offload" in name for name in getattr(registry, "_hook_order", ()))
-
-
-def _refuse_offloaded(pipe: Any, parts: dict[str, Any]) -> None:
-    hooked = [name for name, part in parts.items()
-              if isinstance(part, torch.nn.Module) and any(_is_offloaded(m) for m in part.modules())]
-    if hooked:
-        raise FmeError(
-            f"{type(pipe).__name__} has offload hooks on its {' and '.join(hooked)} (from "
-            f"enable_model_cpu_offload, enable_sequential_cpu_offload or group offloading), which "
-            f"fmecompile.optimize cannot compose with: the compiled graphs read the weights "
-            f"without running the hooks. {_OFFLOAD_ADVICE}. To go on, call pipe.remove_all_hooks() "
-            f"and pipe.to(device), then optimize.")
-
-
-def _guard_offload(pipe: Any) -> tuple[str, ...]:
-    """Makes the pipeline's offload switches refuse while it is optimized, rather than
-    installing hooks the compiled parts would bypass. Returns the names installed."""
-    installed = []
-    for name in _OFFLOAD_METHODS:
-        if not callable(getattr(pipe, name, None)):
+def _note_offloading(summary: OptimizeSummary) -> None:
+    """Says, per compiled part with weight offloading, what happens to its weights."""
+    for name, compiled in summary.modules.items():
+        found = offload.find_offloading(compiled.module)
+        if found is None or not found.kinds():
             continue
-
-        def refuse(*args: Any, _name: str = name, **kwargs: Any) -> None:
-            raise FmeError(f"{_name}() cannot be composed with fmecompile.optimize: the compiled "
-                           f"UNet and VAE decoder read their weights without running offload hooks. "
-                           f"{_OFFLOAD_ADVICE}, or call fmecompile.restore(pipe) first to offload "
-                           f"the stock pipeline.")
-
-        pipe.__dict__[name] = refuse
-        installed.append(name)
-    return tuple(installed)
+        note = f"{name}: {' and '.join(found.kinds())} kept: the compiled {name} runs its hooks around each call"
+        if found.kinds() != ["model CPU offload"]:
+            devices = ", ".join(sorted(map(str, found.devices()))) or "the execution device"
+            note += (f"; it reads all its weights in one call, so during a call all of them are on "
+                     f"{devices} (as with enable_model_cpu_offload), and offloaded between calls")
+        summary.notes.append(note)

@@ -45,23 +45,3 @@ def test_enable_forward_chunking_after_compiling_warns_and_changes_nothing():
         compiled.enable_forward_chunking()
     chunked = [m for m in model.modules() if getattr(m, "_chunk_size", None) is not None]
     assert chunked == []
-
-
-def test_offloaded_pipeline_is_refused_with_what_to_do_and_left_untouched():
-    pipe = pipelines.build_pipeline("svd", tiny=True)
-    unet = pipe.unet
-    unet._hf_hook = object()  # what accelerate's enable_model_cpu_offload leaves on each model
-    with pytest.raises(fme.FmeError, match=r"offload hooks on its unet .*cannot compose.*remove_all_hooks"):
-        fme.optimize(pipe)
-    assert pipe.unet is unet and not hasattr(pipe, "_fme_optimized")
-
-
-def test_offloading_an_optimized_pipeline_is_refused_until_restore():
-    pipe = pipelines.build_pipeline("svd", tiny=True)
-    fme.optimize(pipe)
-    for switch in ("enable_model_cpu_offload", "enable_sequential_cpu_offload"):
-        with pytest.raises(fme.FmeError, match=rf"{switch}\(\) cannot be composed.*fmecompile.restore"):
-            getattr(pipe, switch)()
-    fme.restore(pipe)
-    assert "enable_model_cpu_offload" not in pipe.__dict__
-    assert pipe.enable_model_cpu_offload.__func__ is type(pipe).enable_model_cpu_offload

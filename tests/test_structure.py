@@ -22,7 +22,8 @@ LAYERS = [
     ("pass declarations", ("fmecompile.passes.registry", "fmecompile.passes.group.patterns",
                            "fmecompile.passes")),  # the bare package: a docstring
     ("config", ("fmecompile.config",)),
-    ("capture and kernels", ("fmecompile.diagnose", "fmecompile.capture", "fmecompile.kernels.*")),
+    ("capture and kernels", ("fmecompile.diagnose", "fmecompile.offload", "fmecompile.capture",
+                             "fmecompile.kernels.*")),
     ("passes", ("fmecompile.passes.*",)),
     ("runtime", ("fmecompile.contract", "fmecompile.cuda_graphs", "fmecompile.rehash", "fmecompile.runtime", "fmecompile.compiled",
                  "fmecompile.backend")),
