@@ -7,7 +7,9 @@ first call and replayed after: per call, the user inputs are copied into the sta
 buffers the graph was captured on, parameters, buffers and constants are read in place,
 and the outputs are cloned out of the graph's memory pool (the next replay overwrites
 it). A weight replaced by another tensor (`.to()`, `load_state_dict(assign=True)`) makes
-the graph capture again; values written into the same weights are seen.
+the graph capture again; values written into the same weights are seen. Weights that move
+on every call (offloading hooks onload them before each call) stop the capturing after
+MAX_RECAPTURES, with the reason.
 
 Where capture is impossible the graph runs as it is and says why, once, in the log and
 in the program's report: `Config(cuda_graphs=False)`, inputs not all on one CUDA device,
@@ -27,6 +29,9 @@ from .messages import first_line
 log = logging.getLogger("fmecompile")
 
 CAPTURED = "captured"
+# Captures again when a weight is replaced (a .to() now and then); past this many, weights
+# move on every call (offloading) and a graph would be captured for nothing.
+MAX_RECAPTURES = 2
 
 
 class CudaBackend:
@@ -59,11 +64,21 @@ class GraphReplay:
         self.copied = [role.kind in (USER, CACHE) for role in graph_inputs(gm)]
         self.status: str | None = None if enabled else "off (Config(cuda_graphs=False))"
         self._graph = None
+        self._recaptures = 0
         self._static: list[Any] = []
         self._outputs: Any = None
 
     def __call__(self, *flat: Any) -> Any:
-        if self.status is None or (self._graph is not None and self._stale(flat)):
+        if self._graph is not None and self._stale(flat):
+            self._recaptures += 1
+            if self._recaptures > MAX_RECAPTURES:
+                self._graph, self._static, self._outputs = None, [], None
+                self.status = (f"its weights changed storage on {self._recaptures} calls (weight offloading "
+                               f"moves them every call), so it runs without a CUDA graph")
+                log.warning("fmecompile: %s", self.status)
+            else:
+                self.status = None
+        if self.status is None:
             self._try_capture(flat)
         if self._graph is None:
             return self.gm(*flat)

@@ -100,3 +100,14 @@ def test_a_failed_capture_runs_the_graph_and_says_why(stand_in):
     with torch.no_grad():
         assert torch.allclose(compiled(x), model(x), atol=1e-5)
     assert compiled.report["cuda_graphs"]["main"].startswith("capture failed (RuntimeError: operation not permitted")
+
+
+def test_weights_that_move_every_call_stop_the_capturing(stand_in):
+    model, compiled = compiled_blocks()
+    x = video()
+    with torch.no_grad():
+        for scale in (1.0, 2.0, 0.5, 3.0, 0.25):  # a new weight tensor each call, as offloading makes
+            model.conv1.weight = torch.nn.Parameter(model.conv1.weight * scale)
+            assert torch.allclose(compiled(x), model(x), atol=1e-5)
+    assert stand_in.captures == 1 + cuda_graphs.MAX_RECAPTURES
+    assert "changed storage" in compiled.report["cuda_graphs"]["main"]
