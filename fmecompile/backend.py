@@ -26,6 +26,7 @@ from .capture import capture_dynamo, dynamo_input_roles
 from .config import Config
 from .contract import checked_call
 from .cuda_graphs import GraphReplay
+from .distributed import check_available, parallel_run
 from .errors import ConfigError
 from .ir import node_count
 
@@ -79,7 +80,7 @@ class SpecializingGraph:
         self.roles = dynamo_input_roles(gm)
         self.config = config
         self.programs: dict[Hashable, fx.GraphModule] = {}
-        self.replays: dict[Hashable, GraphReplay] = {}
+        self.replays: dict[Hashable, Callable[..., Any]] = {}
         self.reports: dict[Hashable, dict] = {}
 
     @torch._dynamo.disable
@@ -96,13 +97,25 @@ class SpecializingGraph:
                                     self.config.passes)[0]
         return replay(*args)
 
-    def _compile(self, args: Sequence[Any], key: Hashable) -> GraphReplay:
+    def _compile(self, args: Sequence[Any], key: Hashable) -> Callable[..., Any]:
         start = time.perf_counter()
         canonical = capture_dynamo(self.gm, self.roles, args)
         program, report = run_passes(canonical, self.config)
         self.programs[key] = program
-        self.replays[key] = GraphReplay(program, self.config.cuda_graphs)
+        self.replays[key] = _parallel(GraphReplay(program, self.config), self.config.parallel)
         self.reports[key] = report
         log.info("fme backend: compiled a graph of %d nodes in %.1fs; report %s",
                  node_count(program), time.perf_counter() - start, report)
         return self.replays[key]
+
+
+def _parallel(run: Callable[..., Any], kinds: tuple[str, ...]) -> Callable[..., Any]:
+    """`run` inside a parallel run of `kinds` (distributed.py), where there are any."""
+    if not kinds:
+        return run
+    check_available(kinds)
+
+    def shared(*args: Any) -> Any:
+        with parallel_run(kinds):
+            return run(*args)
+    return shared

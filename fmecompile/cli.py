@@ -21,6 +21,8 @@ from .errors import ConfigError, FmeError
 from .tools import zoo
 from .tools.ablation import DEFAULT_CHUNKS, run_ablation
 from .tools.bench import BASELINES, DTYPES, Case, Variant, compare, format_table, write_json
+from .tools.distributed_bench import distributed_bench
+from .tools.distributed_bench import table as distributed_table
 from .tools.pipeline_bench import PipelineCase, compare_pipelines, default_settings
 from .tools.pipeline_bench import format_table as format_pipeline_table
 from .tools.pipelines import PIPELINES, build_pipeline, compile_for_pipeline
@@ -85,6 +87,11 @@ def _add_measuring_commands(sub) -> None:
     bench.add_argument("--repeats", type=int, default=3, help="timed runs (median reported)")
     bench.add_argument("--warmup", type=int, default=1, help="untimed runs before the timed ones")
     bench.add_argument("--json", help="where to write the JSON (if not given: bench-<case>.json)")
+    bench.add_argument("--distributed", action="store_true",
+                       help="under torchrun: the model's loops shared across the ranks (Config.parallel), "
+                            "against one process on the same inputs; rank 0 writes the JSON")
+    bench.add_argument("--parallel", default="guidance,sequence",
+                       help="--distributed: what the ranks share, comma-separated: guidance, sequence")
     bench.set_defaults(run=run_bench)
 
     ablate = sub.add_parser("ablate", help="every exact pass combination, a chunk-count sweep, diffusers' "
@@ -198,6 +205,8 @@ def run_bench(args: argparse.Namespace) -> int:
         raise ConfigError("fme bench needs --model (one model) or --pipeline (a whole pipeline)")
     case = _case_from_arguments(args)
     config = _config_from_arguments(args)
+    if args.distributed:
+        return run_distributed_bench(case, replace(config, parallel=args.parallel), args)
     label = f"fme passes={','.join(config.passes) or 'none'}"
     baselines = [b.strip() for b in args.baselines.split(",") if b.strip()]
     unknown = [b for b in baselines if b not in BASELINES]
@@ -213,6 +222,15 @@ def run_bench(args: argparse.Namespace) -> int:
     path = args.json or (f"bench-{case.model}-f{case.frames}-{case.height}x{case.width}"
                          f"-b{case.batch}-{case.dtype}-{torch.device(case.device).type}.json")
     print(f"wrote {write_json(result, path)}")
+    return 0
+
+
+def run_distributed_bench(case: Case, config: Config, args: argparse.Namespace) -> int:
+    result = distributed_bench(case, config, repeats=args.repeats, warmup=args.warmup)
+    if result is not None:  # rank 0
+        print(distributed_table(result))
+        path = args.json or f"bench-distributed-{case.model}-{result['world_size']}ranks.json"
+        print(f"wrote {write_json(result, path)}")
     return 0
 
 

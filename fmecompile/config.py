@@ -11,6 +11,7 @@ from typing import Any, Mapping
 from fmecompile.passes.group.patterns import GROUP_PATTERNS
 from fmecompile.passes.registry import EXACT_PASSES, PASS_ORDER, spec_of
 
+from .distributed import PARALLEL_KINDS
 from .errors import ConfigError
 
 # Passes run in PASS_ORDER whatever order the user lists them (see passes/registry.py).
@@ -48,6 +49,9 @@ class Config:
     cuda_graphs: on CUDA inputs, capture each compiled graph once as a CUDA graph and
         replay it (fmecompile/cuda_graphs.py); where capture is impossible the graph runs
         without one and the report says why. False: never capture.
+    parallel: share the slicer's loops across the processes of torch.distributed's default
+        group (fmecompile/distributed.py): "guidance" (the batch loop) and/or "sequence"
+        (frame and pixel loops). Exact; every rank returns the whole output. (): one process.
     """
 
     passes: tuple[str, ...] = EXACT_PASSES
@@ -63,6 +67,7 @@ class Config:
     group_patterns: tuple[str, ...] | None = None
     check: bool = False
     cuda_graphs: bool = True
+    parallel: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "passes", _normalize_passes(self.passes))
@@ -80,6 +85,7 @@ class Config:
         if self.schedule is not None:
             object.__setattr__(self, "schedule", _normalize_schedule(self.schedule))
         self._check_rehash_fields()
+        object.__setattr__(self, "parallel", _normalize_names("parallel", self.parallel, PARALLEL_KINDS))
         if self.group_patterns is not None:
             object.__setattr__(self, "group_patterns", _normalize_names(
                 "group_patterns", self.group_patterns, GROUP_PATTERNS))

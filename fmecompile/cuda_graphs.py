@@ -12,7 +12,7 @@ on every call (offloading hooks onload them before each call) stop the capturing
 MAX_RECAPTURES, with the reason.
 
 Where capture is impossible the graph runs as it is and says why, once, in the log and
-in the program's report: `Config(cuda_graphs=False)`, inputs not all on one CUDA device,
+in the program's report: `Config(cuda_graphs=False)` or `parallel`, inputs not all on one CUDA device,
 or a capture that fails (an op that synchronizes with the CPU, a data-dependent shape).
 """
 from __future__ import annotations
@@ -23,6 +23,7 @@ from typing import Any, Callable
 import torch
 import torch.fx as fx
 
+from .config import Config
 from .ir import USER, CACHE, graph_inputs
 from .messages import first_line
 
@@ -57,12 +58,16 @@ class GraphReplay:
     """Calls one graph module, through a CUDA graph where it can (see the module doc).
     `status` is CAPTURED, or why the graph runs without one (None before the first call)."""
 
-    def __init__(self, gm: fx.GraphModule, enabled: bool, backend: CudaBackend | None = None) -> None:
+    def __init__(self, gm: fx.GraphModule, config: Config, backend: CudaBackend | None = None) -> None:
         self.gm = gm
         self.backend = backend or CudaBackend()
         # Inputs that change per call are copied into static buffers; the rest are read in place.
         self.copied = [role.kind in (USER, CACHE) for role in graph_inputs(gm)]
-        self.status: str | None = None if enabled else "off (Config(cuda_graphs=False))"
+        self.status: str | None = None
+        if not config.cuda_graphs:
+            self.status = "off (Config(cuda_graphs=False))"
+        elif config.parallel:
+            self.status = f"off (Config(parallel={config.parallel!r}): its collectives run outside CUDA graphs)"
         self._graph = None
         self._recaptures = 0
         self._static: list[Any] = []

@@ -62,12 +62,16 @@ def _dump_spec(spec: LoopSpec) -> dict[str, Any]:
     return {
         "ranges": [list(r) for r in spec.ranges],
         "inputs": spec.inputs,
-        "buffers": [{"shape": list(b.shape), "dtype": _encode(b.dtype), "device": str(b.device), "reuses": b.reuses}
-                    for b in spec.buffers],
-        "moments": [{"input": m.input, "num_groups": m.num_groups,
-                     "chunking": [m.chunking.dim, m.chunking.outer, m.chunking.extent, m.chunking.inner]}
+        "buffers": [{"shape": list(b.shape), "dtype": _encode(b.dtype), "device": str(b.device),
+                     "chunking": _dump_chunking(b.chunking), "reuses": b.reuses} for b in spec.buffers],
+        "moments": [{"input": m.input, "num_groups": m.num_groups, "chunking": _dump_chunking(m.chunking)}
                     for m in spec.moments],
+        "kind": spec.kind,
     }
+
+
+def _dump_chunking(c: Chunking) -> list[int]:
+    return [c.dim, c.outer, c.extent, c.inner]
 
 
 def _target_name(target: Any) -> str:
@@ -137,9 +141,11 @@ def _load_spec(data: dict[str, Any]) -> LoopSpec:
         ranges=tuple(ints(r) for r in data["ranges"]),
         inputs=int(data["inputs"]),
         buffers=tuple(Buffer(ints(b["shape"]), _decode(b["dtype"], {}), torch.device(b["device"]),
-                             None if b["reuses"] is None else int(b["reuses"])) for b in data["buffers"]),
+                             Chunking(*ints(b["chunking"])), None if b["reuses"] is None else int(b["reuses"]))
+                      for b in data["buffers"]),
         moments=tuple(Moments(int(m["input"]), Chunking(*ints(m["chunking"])), int(m["num_groups"]))
-                      for m in data["moments"]))
+                      for m in data["moments"]),
+        kind=str(data["kind"]))
 
 
 def _rebuild(graph: fx.Graph, entry: dict[str, Any], env: dict[str, fx.Node], fake_mode: FakeTensorMode,

@@ -19,12 +19,16 @@ distinct chunk length: every shape is checked, no chunk's work is repeated.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
 import torch.fx as fx
 from torch._subclasses.fake_tensor import FakeTensor
+
+from .distributed import sharing
 
 
 @dataclass(frozen=True)
@@ -39,11 +43,13 @@ class Chunking:
 
 @dataclass(frozen=True)
 class Buffer:
-    """An output of the loop: a new tensor, or the storage of input `reuses`."""
+    """An output of the loop: a new tensor, or the storage of input `reuses`; the body
+    writes chunk [start, start + length) of its axis at `chunking`."""
 
     shape: tuple[int, ...]
     dtype: torch.dtype
     device: torch.device
+    chunking: Chunking
     reuses: int | None = None
 
 
@@ -62,6 +68,7 @@ class LoopSpec:
     inputs: int  # how many inputs the loop node takes
     buffers: tuple[Buffer, ...]
     moments: tuple[Moments, ...] = ()
+    kind: str = ""  # the region's kind: "batch", "spatial" or "temporal" (distributed.py shares by it)
 
 
 # The body's leading placeholders, before the inputs, statistics and buffers.
@@ -79,15 +86,26 @@ class ChunkLoop(torch.nn.Module):
 
     def run(self, inputs: tuple, first: Callable[..., Any] | None = None) -> tuple[torch.Tensor, ...]:
         """The loop; `first` (if given) runs the body for the first chunk instead of it
-        (the meta refresh records the body's values there)."""
+        (the meta refresh records the body's values there). Under a parallel run
+        (distributed.py) this rank runs its share of the chunks and receives the rest."""
         spec = self.spec
         moments = [_moments(inputs[m.input], m, spec.ranges) for m in spec.moments]
         buffers = [inputs[b.reuses] if b.reuses is not None
                    else torch.empty(b.shape, dtype=b.dtype, device=b.device) for b in spec.buffers]
+        share = None if first is not None else sharing(spec.kind, len(spec.ranges))
         for index, (start, length) in enumerate(self.schedule(inputs)):
+            if share is not None and not share.mine(index):
+                continue
             body = first if first is not None and index == 0 else self.body
-            body(start, length, *inputs, *moments, *buffers)
+            with share.inside(index) if share is not None else contextlib.nullcontext():
+                body(start, length, *inputs, *moments, *buffers)
+        if share is not None:
+            share.share_outputs(buffers, [functools.partial(self._chunk_of, b.chunking) for b in spec.buffers])
         return tuple(buffers)
+
+    def _chunk_of(self, chunking: Chunking, buffer: torch.Tensor, index: int) -> torch.Tensor:
+        start, length = self.spec.ranges[index]
+        return chunk_view(buffer, chunking, start, length)
 
     def schedule(self, inputs: tuple) -> list[tuple[int, int]]:
         """The chunks to run: all of them, or under fake tensors one of each length."""
@@ -117,14 +135,23 @@ def loop_of(node: fx.Node) -> ChunkLoop | None:
 
 
 def take(x: torch.Tensor, chunking: Chunking, start: int, length: int) -> torch.Tensor:
-    """The chunk [start, start + length) of the axis of `x`."""
+    """The chunk [start, start + length) of the axis of `x`, with the axis merged back into
+    its dim (a copy where it is not the outer part of it)."""
+    part = chunk_view(x, chunking, start, length)
+    if chunking.outer == 1:
+        return part
+    shape, c = tuple(x.shape), chunking
+    return part.reshape(shape[:c.dim] + (c.outer * length * c.inner,) + shape[c.dim + 1:])
+
+
+def chunk_view(x: torch.Tensor, chunking: Chunking, start: int, length: int) -> torch.Tensor:
+    """The chunk [start, start + length) of the axis of `x`, as a view (for writing)."""
     c = chunking
     if c.outer == 1:
         return x.narrow(c.dim, start * c.inner, length * c.inner)
     shape = tuple(x.shape)
     split = x.view(shape[:c.dim] + (c.outer, c.extent * c.inner) + shape[c.dim + 1:])
-    part = split.narrow(c.dim + 1, start * c.inner, length * c.inner)
-    return part.reshape(shape[:c.dim] + (c.outer * length * c.inner,) + shape[c.dim + 1:])
+    return split.narrow(c.dim + 1, start * c.inner, length * c.inner)
 
 
 def _moments(x: torch.Tensor, moments: Moments, ranges: tuple[tuple[int, int], ...]) -> torch.Tensor:

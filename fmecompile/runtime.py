@@ -23,6 +23,7 @@ from fmecompile.passes.manager import compile_graphs
 from .capture import Captured
 from .config import Config
 from .cuda_graphs import GraphReplay
+from .distributed import check_available, parallel_run
 from .ir import BUFFER, CONSTANT, PARAMETER, GraphInput, graph_inputs
 from .rehash import RehashExecutor, StepRunner
 
@@ -66,8 +67,10 @@ class Program:
         self.in_spec = in_spec
         self.out_spec = out_spec
         self.compile_seconds = compile_seconds
-        # Each graph through a CUDA graph where it can be captured (at its first call).
-        self.replays = {name: GraphReplay(gm, config.cuda_graphs) for name, gm in graphs.items()}
+        # Each graph through a CUDA graph where it can be captured (at its first call); a
+        # parallel run's collectives stay outside graphs.
+        check_available(config.parallel)
+        self.replays = {name: GraphReplay(gm, config) for name, gm in graphs.items()}
         self.executor = executor_for(graphs, steps, self.replays)
         # What each placeholder of the main graph is: the passes keep the captured roles.
         self.inputs = graph_inputs(self.executor.main_graph)
@@ -94,7 +97,8 @@ class Program:
     def __call__(self, kwargs: dict[str, Any]) -> Any:
         user_leaves = pytree.tree_leaves(((), kwargs))
         flat = [feed(user_leaves) for feed in self._feeds]
-        return pytree.tree_unflatten(self.executor(flat, kwargs), self.out_spec)
+        with parallel_run(self.config.parallel):
+            return pytree.tree_unflatten(self.executor(flat, kwargs), self.out_spec)
 
 
 def _feed(role: GraphInput, module: torch.nn.Module, constants: dict[str, torch.Tensor],

@@ -18,6 +18,7 @@ PACKAGES = {"fmecompile": "fmecompile", "passes": "fmecompile.passes", "kernels"
 # with a matching pattern is a module's layer.
 LAYERS = [
     ("foundation", ("fmecompile.version", "fmecompile.errors", "fmecompile.messages", "fmecompile.progress",
+                    "fmecompile.distributed",
                     "fmecompile.loop", "fmecompile.ir")),
     ("pass declarations", ("fmecompile.passes.registry", "fmecompile.passes.group.patterns",
                            "fmecompile.passes")),  # the bare package: a docstring

@@ -189,9 +189,11 @@ def _body(region: Region, nodes: list[fx.Node], inputs: list[fx.Node], ranges: l
     spec = LoopSpec(
         ranges=tuple(ranges), inputs=len(inputs),
         buffers=tuple(Buffer(_shape(out), out.meta[VALUE].dtype, out.meta[VALUE].device,
+                             _chunking(region.slicings[out].outputs[0]),
                              index[reused[out]] if out in reused else None) for out in region.outputs),
         moments=tuple(Moments(index[norm.args[0]], _chunking(region.slicings[norm].inputs[0]), norm.args[1])
-                      for norm in norms))
+                      for norm in norms),
+        kind=region.kind)
     return fx.GraphModule(torch.nn.Module(), graph), {node: env[node] for node in nodes}, spec
 
 
