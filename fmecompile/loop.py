@@ -20,6 +20,7 @@ distinct chunk length: every shape is checked, no chunk's work is repeated.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -124,6 +125,29 @@ class ChunkLoop(torch.nn.Module):
         moments_end = inputs_end + len(spec.moments)
         return {START: nodes[:1], LENGTH: nodes[1:2], "inputs": nodes[2:inputs_end],
                 "moments": nodes[inputs_end:moments_end], "buffers": nodes[moments_end:]}
+
+
+def drop_unused_inputs(node: fx.Node) -> int:
+    """Removes the inputs a loop's body no longer reads (a pass fused their only reader)
+    from the body and the loop node; returns how many."""
+    loop = loop_of(node)
+    inputs = loop.placeholders()["inputs"]
+    unused = [i for i, p in enumerate(inputs) if not p.users]
+    if not unused:
+        return 0
+    kept = [i for i in range(len(inputs)) if i not in unused]
+    new_index = {old: new for new, old in enumerate(kept)}
+    for i in unused:
+        loop.body.graph.erase_node(inputs[i])
+    loop.body.recompile()
+    spec = loop.spec
+    loop.spec = dataclasses.replace(
+        spec, inputs=len(kept),
+        buffers=tuple(dataclasses.replace(b, reuses=None if b.reuses is None else new_index[b.reuses])
+                      for b in spec.buffers),
+        moments=tuple(dataclasses.replace(m, input=new_index[m.input]) for m in spec.moments))
+    node.args = tuple(node.args[i] for i in kept)
+    return len(unused)
 
 
 def loop_of(node: fx.Node) -> ChunkLoop | None:

@@ -8,6 +8,8 @@ import torch.nn.functional as F
 
 import fmecompile as fme
 from conftest import TINY_MODELS, tiny_model
+from fmecompile.ir import loop_bodies
+from fmecompile.loop import loop_of
 from fmecompile.tools import zoo
 from fmecompile.tools.bench import output_error
 from fmecompile.passes.group.patterns import GROUP_PATTERNS
@@ -143,6 +145,10 @@ def test_slice_and_group_are_exact_on_every_model(name, reference_kernels):
     slice_report = compiled.report["slice"]
     assert slice_report["regions"] > 0
     assert report["ops_after"] <= 1.3 * slice_report["ops_before"], (report["ops_after"], slice_report["ops_before"])
+    # No loop keeps an input its body stopped reading when a chain fused (a blend's 1 - alpha).
+    bodies = [loop.body for g in [compiled.graph_module, *loop_bodies(compiled.graph_module)]
+              for loop in map(loop_of, g.graph.nodes) if loop is not None]
+    assert all(p.users for body in bodies for p in body.graph.nodes if p.op == "placeholder" and p.name not in ("start", "length"))
 
 
 def test_group_runs_the_kernels_on_a_whole_model():

@@ -20,7 +20,7 @@ import torch.fx as fx
 import fmecompile.kernels  # noqa: F401  (registers the fme:: ops)
 from fmecompile.config import Config
 from fmecompile.ir import computing_nodes, node_count, refresh_meta
-from fmecompile.loop import loop_of
+from fmecompile.loop import drop_unused_inputs, loop_of
 
 from ..liveness import may_alias_classes, predicted_peak
 from ..mutation import WRITE, access, writes_in_place
@@ -50,10 +50,12 @@ def group_pass(gm: fx.GraphModule, config: Config) -> PassResult:
     return PassResult(gm, bool(counts), report)
 
 
-def _group_with_bodies(gm: fx.GraphModule, enabled: list, counts: Counter) -> None:
+def _group_with_bodies(gm: fx.GraphModule, enabled: list, counts: Counter,
+                       overwritten: frozenset[fx.Node] = frozenset()) -> None:
     """Fuses in the graph, then in each loop body (once: it runs for every chunk), with the
-    body's inputs bound to the loop's arguments while it is matched."""
-    _group_graph(gm.graph, enabled, counts)
+    body's inputs bound to the loop's arguments while it is matched. `overwritten`: inputs
+    of this graph (a body) whose storage its loop reuses for an output."""
+    _group_graph(gm.graph, enabled, counts, overwritten)
     gm.recompile()
     for node in gm.graph.nodes:
         loop = loop_of(node)
@@ -62,13 +64,17 @@ def _group_with_bodies(gm: fx.GraphModule, enabled: list, counts: Counter) -> No
         inputs = loop.placeholders()["inputs"]
         for placeholder, outer in zip(inputs, node.args):
             placeholder.meta[BOUND] = outer
-        _group_with_bodies(loop.body, enabled, counts)
+        reused = frozenset(inputs[b.reuses] for b in loop.spec.buffers if b.reuses is not None)
+        _group_with_bodies(loop.body, enabled, counts, reused)
         for placeholder in inputs:
             del placeholder.meta[BOUND]
+        drop_unused_inputs(node)  # e.g. the 1 - alpha a fused blend computes itself
+    gm.graph.eliminate_dead_code()  # what only those inputs read
+    gm.recompile()
 
 
-def _group_graph(graph: fx.Graph, enabled: list, counts: Counter) -> None:
-    state = Graph(_mutated_classes(graph))
+def _group_graph(graph: fx.Graph, enabled: list, counts: Counter, overwritten: frozenset[fx.Node]) -> None:
+    state = Graph(_mutated_classes(graph, overwritten))
     for root in list(graph.nodes):
         if root.op != "call_function" or not kernel_dtype(root):
             continue
@@ -94,10 +100,10 @@ def _replace(graph: fx.Graph, root: fx.Node, target: Any, kwargs: dict[str, Any]
     root.replace_all_uses_with(fused)
 
 
-def _mutated_classes(graph: fx.Graph) -> set[fx.Node]:
+def _mutated_classes(graph: fx.Graph, overwritten: frozenset[fx.Node]) -> set[fx.Node]:
     """Nodes whose storage an in-place op writes (the slicer's loops fill buffers with
-    copy_, possibly into a dead input)."""
+    copy_, possibly into a dying input: in a body, that input is `overwritten`)."""
     alias = may_alias_classes(graph)
     written = {alias[source] for n in graph.nodes for source in n.all_input_nodes
-               if writes_in_place(n) and access(n, source) == WRITE}
+               if writes_in_place(n) and access(n, source) == WRITE} | {alias[n] for n in overwritten}
     return {n for n in graph.nodes if alias[n] in written}
