@@ -259,9 +259,7 @@ def run_compile(args: argparse.Namespace) -> int:
         compiled, what, bind_to = _compile_pipeline_unet(args, config)
     else:
         case = _case_from_arguments(args)
-        model = zoo.build_model(case.model, dtype=case.torch_dtype, device=case.device, seed=case.seed)
-        inputs = zoo.example_inputs(case.model, batch=case.batch, frames=case.frames, height=case.height,
-                                    width=case.width, dtype=case.torch_dtype, device=case.device, seed=case.seed)
+        model, inputs = case.build()
         compiled, what, bind_to = compile_module(zoo.compile_target(case.model, model), kwargs=inputs,
                                                  config=config), case.model, "model"
     path = save(compiled, args.out)
@@ -285,9 +283,7 @@ def _compile_pipeline_unet(args: argparse.Namespace, config: Config) -> tuple[Co
 def run_check(args: argparse.Namespace) -> int:
     case = _case_from_arguments(args)
     config = _config_from_arguments(args)
-    model = zoo.build_model(case.model, dtype=case.torch_dtype, device=case.device, seed=case.seed)
-    inputs = zoo.example_inputs(case.model, batch=case.batch, frames=case.frames, height=case.height,
-                                width=case.width, dtype=case.torch_dtype, device=case.device, seed=case.seed)
+    model, inputs = case.build()
     target = zoo.compile_target(case.model, model)
     if args.float64:  # check compiles the float64 copy; nothing to compile here
         module, method = split_method(target)

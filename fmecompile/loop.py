@@ -71,6 +71,11 @@ class LoopSpec:
     moments: tuple[Moments, ...] = ()
     kind: str = ""  # the region's kind: "batch", "spatial" or "temporal" (distributed.py shares by it)
 
+    @property
+    def reused(self) -> tuple[int, ...]:
+        """The inputs whose storage the loop overwrites with an output, by index."""
+        return tuple(b.reuses for b in self.buffers if b.reuses is not None)
+
 
 # The body's leading placeholders, before the inputs, statistics and buffers.
 START, LENGTH = "start", "length"

@@ -30,8 +30,7 @@ def access(user: fx.Node, value: fx.Node) -> str:
     WRITE (in place) or READ. An op without a schema is assumed to write."""
     loop = loop_of(user)
     if loop is not None:  # a loop writes the inputs whose storage it reuses for an output
-        written = {user.args[b.reuses] for b in loop.spec.buffers if b.reuses is not None}
-        return WRITE if value in written else READ
+        return WRITE if any(user.args[i] is value for i in loop.spec.reused) else READ
     if user.op != "call_function":
         return READ
     if user.target is operator.getitem:
@@ -88,7 +87,7 @@ def writes_in_place(node: fx.Node) -> bool:
     a loop does where it reuses an input's storage)."""
     loop = loop_of(node)
     if loop is not None:
-        return any(b.reuses is not None for b in loop.spec.buffers)
+        return bool(loop.spec.reused)
     if node.op != "call_function" or node.target in (operator.getitem, operator.mul):
         return False
     schema = getattr(node.target, "_schema", None)

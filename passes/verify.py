@@ -230,7 +230,7 @@ def _check_reused_read(loop: ChunkLoop, user: fx.Node, narrow: fx.Node | None, w
 def _check_reused_after(node: fx.Node, loop: ChunkLoop) -> None:
     """After a loop that wrote into an input's storage, nothing reads that storage but
     through the loop's outputs."""
-    reused = [node.args[b.reuses] for b in loop.spec.buffers if b.reuses is not None]
+    reused = [node.args[i] for i in loop.spec.reused]
     if not reused:
         return
     graph = node.graph

@@ -83,16 +83,22 @@ class Case:
     def torch_dtype(self) -> torch.dtype:
         return DTYPES[self.dtype]
 
+    def build(self, device: str | None = None) -> tuple[torch.nn.Module, dict[str, Any]]:
+        """The case's model (seeded random weights) and example inputs, on `device` (if not
+        given: the case's)."""
+        device = device or self.device
+        model = zoo.build_model(self.model, dtype=self.torch_dtype, device=device, seed=self.seed)
+        inputs = zoo.example_inputs(self.model, batch=self.batch, frames=self.frames, height=self.height,
+                                    width=self.width, dtype=self.torch_dtype, device=device, seed=self.seed)
+        return model, inputs
+
 
 def compare(case: Case, variants: Sequence[Variant], repeats: int = 3, warmup: int = 1,
             flops: bool = False) -> dict[str, Any]:
     """Measures every variant on the same model and inputs; returns the JSON-ready result.
     flops: also count the FLOPs of one stock eager call (result["flops"])."""
     log.info("building %s (%s, %s) with seed %d", case.model, case.dtype, case.device, case.seed)
-    model = zoo.build_model(case.model, dtype=case.torch_dtype, device=case.device, seed=case.seed)
-    inputs = zoo.example_inputs(case.model, batch=case.batch, frames=case.frames, height=case.height,
-                                width=case.width, dtype=case.torch_dtype, device=case.device,
-                                seed=case.seed)
+    model, inputs = case.build()
     target = zoo.compile_target(case.model, model)
     module, method = split_method(target)
     log.info("%s: %.3g M parameters, inputs %s", case.model, zoo.parameter_count(model) / 1e6,

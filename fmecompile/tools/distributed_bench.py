@@ -42,9 +42,7 @@ def init_from_environment(device: str) -> None:
 def measure_rank(case: Case, config: Config, repeats: int = 2, warmup: int = 1) -> dict[str, Any]:
     """This rank's figures: the single-process compile and the parallel one."""
     device = _rank_device(case.device)
-    model = zoo.build_model(case.model, dtype=case.torch_dtype, device=device, seed=case.seed)
-    inputs = zoo.example_inputs(case.model, batch=case.batch, frames=case.frames, height=case.height,
-                                width=case.width, dtype=case.torch_dtype, device=device, seed=case.seed)
+    model, inputs = case.build(device)
     target = zoo.compile_target(case.model, model)
     figures: dict[str, Any] = {"rank": dist.get_rank()}
     outputs = {}

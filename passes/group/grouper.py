@@ -64,7 +64,7 @@ def _group_with_bodies(gm: fx.GraphModule, enabled: list, counts: Counter,
         inputs = loop.placeholders()["inputs"]
         for placeholder, outer in zip(inputs, node.args):
             placeholder.meta[BOUND] = outer
-        reused = frozenset(inputs[b.reuses] for b in loop.spec.buffers if b.reuses is not None)
+        reused = frozenset(inputs[i] for i in loop.spec.reused)
         _group_with_bodies(loop.body, enabled, counts, reused)
         for placeholder in inputs:
             del placeholder.meta[BOUND]
