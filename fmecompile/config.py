@@ -51,7 +51,9 @@ class Config:
         without one and the report says why. False: never capture.
     parallel: share the slicer's loops across the processes of torch.distributed's default
         group (fmecompile/distributed.py): "guidance" (the batch loop) and/or "sequence"
-        (frame and pixel loops). Exact; every rank returns the whole output. (): one process.
+        (frame and pixel loops, with the tensors between them kept split across the ranks:
+        fmecompile/sharded.py; the default chunk counts are then as many times finer).
+        Exact; every rank returns the whole output. (): one process.
     """
 
     passes: tuple[str, ...] = EXACT_PASSES

@@ -24,6 +24,7 @@ import torch
 import torch.fx as fx
 
 from .config import Config
+from .sharded import call_graph
 from .ir import USER, CACHE, graph_inputs
 from .messages import first_line
 
@@ -86,7 +87,7 @@ class GraphReplay:
         if self.status is None:
             self._try_capture(flat)
         if self._graph is None:
-            return self.gm(*flat)
+            return call_graph(self.gm, flat)
         for static, value, copied in zip(self._static, flat, self.copied):
             if copied and isinstance(value, torch.Tensor):
                 static.copy_(value)

@@ -1,32 +1,29 @@
 """A program's loops shared across the processes of torch.distributed, exactly.
 
 The slicer proved every chunk of a loop independent of the others, so chunks can run on
-different ranks: each rank of a team runs the chunks it owns (chunk i: the team's rank
-i mod its size), then each chunk's owner broadcasts that chunk of every output buffer to
-the team, so every rank holds the loop's whole outputs, bit for bit what one process
-computes. Everything outside the loops runs on every rank.
+different ranks: each rank of a team runs the chunks it owns (a contiguous block: those
+starting in its even part of the axis), and nothing else changes the result.
 
 - guidance (`Config(parallel=("guidance",))`): the batch loop (the classifier-free-guidance
   batch) is shared by the world. With more ranks than batch chunks, batch chunk c runs on
-  the ranks r with r mod C == c, which form its team for the loops inside it.
+  the ranks r with r mod C == c, which form its team for the loops inside it; each chunk's
+  first rank broadcasts its part of the outputs.
 - sequence (`"sequence"`): frame and pixel loops are shared by the team that runs them
-  (the world, or a batch chunk's team under guidance).
+  (the world, or a batch chunk's team under guidance). sharded.py keeps the tensors
+  between them split across the team; a loop it cannot run on parts runs here on whole
+  inputs, and each chunk's owner broadcasts its chunk of the outputs.
 
-Weights are replicated, normalization statistics are taken over all chunks on every rank
-(their inputs are whole there), and every rank returns the whole output. Only torch's
-collectives move data (gloo on CPU, NCCL on GPUs); the ranks are those of the default
-process group, set up by the caller (torchrun, then init_process_group).
-
-What this does not do yet: keep activations sharded between loops. Every rank holds the
-whole tensors that flow between loops, so sharing divides the work of the loop bodies,
-not the activation peak.
+Weights are replicated and every rank returns the whole output. Only torch's collectives
+move data (gloo on CPU, NCCL on GPUs); the ranks are those of the default process group,
+set up by the caller (torchrun, then init_process_group).
 """
 from __future__ import annotations
 
+import bisect
 import contextlib
 import contextvars
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -45,8 +42,10 @@ class Team:
     ranks: tuple[int, ...]
     group: object = None  # None: the default group
 
-    def owner(self, chunk: int) -> int:
-        return self.ranks[chunk % len(self.ranks)]
+    @property
+    def me(self) -> int:
+        """This process's index in the team."""
+        return self.ranks.index(dist.get_rank())
 
 
 @dataclass
@@ -99,8 +98,12 @@ class Share:
 
     run: Run
     team: Team
-    chunks: int
+    ranges: tuple[tuple[int, int], ...]  # the loop's chunks: (start, length) along its axis
     batch: bool
+
+    @property
+    def chunks(self) -> int:
+        return len(self.ranges)
 
     def mine(self, chunk: int) -> bool:
         return dist.get_rank() in self.runners(chunk)
@@ -111,7 +114,17 @@ class Share:
         size = len(self.team.ranks)
         if self.batch and size > self.chunks:
             return tuple(r for i, r in enumerate(self.team.ranks) if i % self.chunks == chunk % self.chunks)
-        return (self.team.owner(chunk),)
+        return tuple(self.team.ranks[i] for i, block in enumerate(self.blocks()) if chunk in block)
+
+    def blocks(self) -> list[range]:
+        """The chunks each rank of the team owns, by team index: those starting in its even
+        part of the axis (even_parts), a contiguous block. The slicer aligns chunks to the
+        parts when it knows how many ranks will share a loop, and then every loop over an
+        axis splits it alike, so sharded.py passes activations between them as they are."""
+        starts = [start for start, _ in self.ranges]
+        extent = self.ranges[-1][0] + self.ranges[-1][1]
+        edges = [bisect.bisect_left(starts, start) for start, _ in even_parts(extent, len(self.team.ranks))]
+        return [range(a, b) for a, b in zip(edges, edges[1:] + [len(starts)])]
 
     @contextlib.contextmanager
     def inside(self, chunk: int) -> Iterator[None]:
@@ -143,23 +156,87 @@ class Share:
         for chunk in range(self.chunks):
             source = self.runners(chunk)[0]
             for buffer, view in zip(buffers, views):
-                part = view(buffer, chunk)
-                data = part.contiguous()
-                dist.broadcast(data, src=source, group=self.team.group)
-                if dist.get_rank() == source:
-                    _SENT[0] += data.numel() * data.element_size()
-                elif data.data_ptr() != part.data_ptr():
-                    part.copy_(data)
+                broadcast_part(view(buffer, chunk), source, self.team)
 
 
-def sharing(kind: str, chunks: int) -> Share | None:
-    """How a loop of `kind` with `chunks` chunks runs now: shared, or (None) all here."""
+def broadcast_part(part: torch.Tensor, source: int, team: Team) -> None:
+    """`part` (a view, perhaps strided) on every rank of the team becomes what it holds on
+    global rank `source`."""
+    data = part.contiguous()
+    dist.broadcast(data, src=source, group=team.group)
+    if dist.get_rank() == source:
+        count_sent(data.numel() * data.element_size())
+    elif data.data_ptr() != part.data_ptr():
+        part.copy_(data)
+
+
+def count_sent(nbytes: int) -> None:
+    """Adds to sent_bytes what this rank sent by a collective of its own."""
+    _SENT[0] += nbytes
+
+
+def exchange(team: Team, outgoing: Callable[[int], list[torch.Tensor]],
+             incoming: Callable[[int], list[torch.Tensor]]) -> None:
+    """Point-to-point all-to-all in the team: this rank sends the views `outgoing(i)` to
+    team rank i and receives into the views `incoming(i)` from it, one piece at a time
+    (through a contiguous copy where a view is strided). One peer pair per round (round
+    k: to me + k, from me - k). Both sides derive the same pieces from the same splits,
+    so every send meets its receive."""
+    size, me = len(team.ranks), team.me
+    for step in range(1, size):
+        to, source = (me + step) % size, (me - step) % size
+        sends, receives = outgoing(to), incoming(source)
+        for k in range(max(len(sends), len(receives))):
+            requests, view, into = [], None, None
+            if k < len(sends):
+                data = sends[k].contiguous()
+                requests.append(dist.isend(data, team.ranks[to], group=team.group))
+                count_sent(data.numel() * data.element_size())
+            if k < len(receives):
+                view = receives[k]
+                into = view if view.is_contiguous() else torch.empty(view.shape, dtype=view.dtype, device=view.device)
+                requests.append(dist.irecv(into, team.ranks[source], group=team.group))
+            for request in requests:
+                request.wait()
+            if view is not None and into is not view:
+                view.copy_(into)
+
+
+def even_parts(extent: int, parts: int) -> list[tuple[int, int]]:
+    """(start, length) of `parts` contiguous parts covering 0..extent as evenly as possible:
+    the first extent % parts are one longer (with more parts than rows, the last are empty)."""
+    base, extra = divmod(extent, parts)
+    out, start = [], 0
+    for i in range(parts):
+        length = base + (1 if i < extra else 0)
+        out.append((start, length))
+        start += length
+    return out
+
+
+def sequence_ranks(kinds: tuple[str, ...], batch_chunks: int) -> int:
+    """How many ranks will share each frame and pixel loop of a program compiled now (the
+    slicer chunks them that much finer): the world under sequence parallel, or under
+    guidance too the ranks per batch chunk (at least); 1 otherwise."""
+    if SEQUENCE not in kinds or not (dist.is_available() and dist.is_initialized()):
+        return 1
+    world = dist.get_world_size()
+    return max(1, world // batch_chunks) if GUIDANCE in kinds else world
+
+
+def current_run() -> Run | None:
+    """The parallel run this call is part of, if any."""
+    return _RUN.get()
+
+
+def sharing(kind: str, ranges: tuple[tuple[int, int], ...]) -> Share | None:
+    """How a loop of `kind` over chunks `ranges` runs now: shared, or (None) all here."""
     run = _RUN.get()
     if run is None:
         return None
     shared = GUIDANCE if kind == BATCH else SEQUENCE
     if shared not in run.kinds or len(run.team.ranks) == 1:
         return None
-    share = Share(run, run.team, chunks, kind == BATCH)
+    share = Share(run, run.team, tuple(ranges), kind == BATCH)
     share.create_subteams()
     return share

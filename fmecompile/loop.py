@@ -90,21 +90,27 @@ class ChunkLoop(torch.nn.Module):
     def forward(self, *inputs: Any) -> tuple[torch.Tensor, ...]:
         return self.run(inputs)
 
-    def run(self, inputs: tuple, first: Callable[..., Any] | None = None) -> tuple[torch.Tensor, ...]:
+    def run(self, inputs: tuple, first: Callable[..., Any] | None = None,
+            runner: Callable[..., Any] | None = None) -> tuple[torch.Tensor, ...]:
         """The loop; `first` (if given) runs the body for the first chunk instead of it
-        (the meta refresh records the body's values there). Under a parallel run
-        (distributed.py) this rank runs its share of the chunks and receives the rest."""
+        (the meta refresh records the body's values there), `runner` (if given) runs the
+        body (`runner(body, *placeholders)`; sharded.py interprets a batch loop's body).
+        Under a parallel run (distributed.py) this rank runs its share of the chunks and
+        receives the rest."""
         spec = self.spec
         moments = [_moments(inputs[m.input], m, spec.ranges) for m in spec.moments]
         buffers = [inputs[b.reuses] if b.reuses is not None
                    else torch.empty(b.shape, dtype=b.dtype, device=b.device) for b in spec.buffers]
-        share = None if first is not None else sharing(spec.kind, len(spec.ranges))
+        share = None if first is not None else sharing(spec.kind, spec.ranges)
         for index, (start, length) in enumerate(self.schedule(inputs)):
             if share is not None and not share.mine(index):
                 continue
             body = first if first is not None and index == 0 else self.body
             with share.inside(index) if share is not None else contextlib.nullcontext():
-                body(start, length, *inputs, *moments, *buffers)
+                if runner is None:
+                    body(start, length, *inputs, *moments, *buffers)
+                else:
+                    runner(body, start, length, *inputs, *moments, *buffers)
         if share is not None:
             share.share_outputs(buffers, [functools.partial(self._chunk_of, b.chunking) for b in spec.buffers])
         return tuple(buffers)

@@ -19,7 +19,7 @@ PACKAGES = {"fmecompile": "fmecompile", "passes": "fmecompile.passes", "kernels"
 LAYERS = [
     ("foundation", ("fmecompile.version", "fmecompile.errors", "fmecompile.messages", "fmecompile.progress",
                     "fmecompile.distributed",
-                    "fmecompile.loop", "fmecompile.ir")),
+                    "fmecompile.loop", "fmecompile.sharded", "fmecompile.ir")),
     ("pass declarations", ("fmecompile.passes.registry", "fmecompile.passes.group.patterns",
                            "fmecompile.passes")),  # the bare package: a docstring
     ("config", ("fmecompile.config",)),

@@ -26,6 +26,7 @@ import torch.fx as fx
 
 import fmecompile.kernels  # noqa: F401  (registers fme:: ops)
 
+from fmecompile.distributed import even_parts
 from fmecompile.ir import MODULE_STACK, REGION, VALUE, shape as _shape
 from fmecompile.loop import LENGTH, START, Buffer, ChunkLoop, Chunking, LoopSpec, Moments
 
@@ -40,17 +41,19 @@ from .rules import rule_for
 aten = torch.ops.aten
 fme = torch.ops.fme
 
-def chunk_ranges(extent: int, chunks: int) -> list[tuple[int, int]]:
+def chunk_ranges(extent: int, chunks: int, ranks: int = 1) -> list[tuple[int, int]]:
     """(start, length) of `chunks` contiguous chunks covering 0..extent as evenly as
-    possible (the first extent % chunks chunks are one longer)."""
+    possible (the first extent % chunks chunks are one longer). For a loop `ranks` ranks
+    will share (sequence parallel), the axis is cut into their even parts first
+    (distributed.even_parts) and each part into its share of the chunks, so that every
+    loop over the axis splits it at the same rows and activations pass between loops
+    without being re-split (sharded.py)."""
     chunks = max(1, min(chunks, extent))
-    base, extra = divmod(extent, chunks)
-    ranges, start = [], 0
-    for i in range(chunks):
-        length = base + (1 if i < extra else 0)
-        ranges.append((start, length))
-        start += length
-    return ranges
+    if ranks > 1:
+        counts = [n for _, n in even_parts(chunks, ranks)]
+        return [(start + s, n) for (start, length), count in zip(even_parts(extent, ranks), counts)
+                if length for s, n in chunk_ranges(length, max(count, 1))]
+    return [(start, length) for start, length in even_parts(extent, chunks)]
 
 
 class Emitter:
@@ -125,17 +128,17 @@ def write(emit: Emitter, buffer: fx.Node, chunk: fx.Node, loc: Location) -> None
     emit(aten.copy_.default, (target, source))
 
 
-def emit_region(region: Region, chunks: int, tag: Any = None) -> dict[fx.Node, fx.Node]:
-    """Replaces the region's nodes by a loop over `chunks` chunks of its axis; returns,
-    for each node of the region, its copy in the loop's body. The loop node and the body's
-    nodes carry `tag` in meta[REGION]."""
+def emit_region(region: Region, chunks: int, tag: Any = None, ranks: int = 1) -> dict[fx.Node, fx.Node]:
+    """Replaces the region's nodes by a loop over `chunks` chunks of its axis (aligned to
+    the parts of `ranks` ranks: chunk_ranges); returns, for each node of the region, its
+    copy in the loop's body. The loop node and the body's nodes carry `tag` in meta[REGION]."""
     graph = region.nodes[0].graph
     position = {n: i for i, n in enumerate(graph.nodes)}
     # Earlier regions may have moved some of this region's nodes: emit in current order,
     # after the node that is now last.
     nodes = sorted(region.nodes, key=position.__getitem__)
     members = set(nodes)
-    ranges = chunk_ranges(region.extent, chunks)
+    ranges = chunk_ranges(region.extent, chunks, ranks)
     reused = reusable_inputs(region.nodes, region.slicings, region.outputs, position, alias_class)
     inputs = list(dict.fromkeys(i for n in nodes for i in n.all_input_nodes if i not in members))
     body, copies, spec = _body(region, nodes, inputs, ranges, reused, tag)

@@ -11,6 +11,7 @@ from typing import Any
 import torch.fx as fx
 
 from fmecompile.config import Config
+from fmecompile.distributed import sequence_ranks
 from fmecompile.ir import loop_bodies, module_path, refresh_meta
 
 from ..liveness import class_lookup, may_alias_classes, predicted_peak
@@ -69,22 +70,34 @@ def fixed_count_of_kind(config: Config, kind: str) -> int | None:
     return count
 
 
-def fixed_count(config: Config, region: Region) -> int:
+def fixed_count(config: Config, region: Region, ranks: int = 1) -> int:
     """The config's count for the region's kind; without one, the default: at least
     DEFAULT_CHUNKS, and enough that one chunk's intermediates hold no more than a quarter of
     what the loop keeps whole anyway (its dying inputs and its output buffers), so that
-    the loop's own peak is set by the tensors it cannot avoid."""
+    the loop's own peak is set by the tensors it cannot avoid. `ranks` share each frame
+    and pixel loop at run time (sequence parallel): each keeps a 1/ranks part of the
+    loop's tensors, so the default is `ranks` times finer to keep that quarter per rank."""
     count = {BATCH: config.batch_chunks, SPATIAL: config.spatial_chunks, TEMPORAL: config.temporal_chunks}[region.kind]
     if count is None and region.kind in DEFAULT_CHUNKS:
         kept = max(region.input_bytes + region.output_bytes, 1)
         count = min(max(DEFAULT_CHUNKS[region.kind], -(-4 * region.internal_peak_bytes // kept)), MAX_DEFAULT_CHUNKS)
+        count *= ranks if region.kind != BATCH else 1
     return min(count or region.extent, region.extent)
 
 
-def apply_plan(gm: fx.GraphModule, plan: SlicePlan, counts: dict[Key, int]) -> Applied:
+def planned_ranks(config: Config, plan: SlicePlan) -> int:
+    """How many ranks will share each frame and pixel loop of the plan at run time
+    (distributed.sequence_ranks; the same on every rank, so every rank compiles the same
+    program); 1 without sequence parallel."""
+    batch = [even_chunks(r.extent, fixed_count(config, r)) for r in plan.batch]
+    return sequence_ranks(config.parallel, batch[0] if batch else 1)
+
+
+def apply_plan(gm: fx.GraphModule, plan: SlicePlan, counts: dict[Key, int], ranks: int = 1) -> Applied:
     """Emits the plan's loops into `gm` (the graph the plan was found on, or a copy made
     with copy_with_map and the plan remapped): the batch loops first, then the frame and
-    pixel loops, inside a batch loop's body where their ops went there."""
+    pixel loops, inside a batch loop's body where their ops went there, their chunks
+    aligned to the parts of `ranks` ranks (codegen.chunk_ranges)."""
     applied = Applied()
     copies: dict[fx.Node, fx.Node] = {}
     for index, region in enumerate(plan.batch):
@@ -111,7 +124,7 @@ def apply_plan(gm: fx.GraphModule, plan: SlicePlan, counts: dict[Key, int]) -> A
     for key, region, analysis in emitting:  # all rebuilt before any is emitted: emitting changes the graph
         chunks = min(counts[key], region.extent)
         applied.records.append(_describe(region, analysis.run_name(region.run), chunks))
-        emit_region(region, chunks, key)
+        emit_region(region, chunks, key, ranks)
     for graph_module in [gm, *loop_bodies(gm)]:
         graph_module.graph.lint()
         graph_module.graph.eliminate_dead_code()

@@ -31,7 +31,7 @@ from fmecompile.ir import computing_nodes, copy_with_map, node_count
 from ..liveness import predicted_peak
 from ..registry import PassResult
 from .budget import plan_counts
-from .plan import MIN_SAVING, apply_plan, find_plan, fixed_count, remap_plan
+from .plan import MIN_SAVING, apply_plan, find_plan, fixed_count, planned_ranks, remap_plan
 from .regions import BATCH, SPATIAL, TEMPORAL
 
 
@@ -40,13 +40,14 @@ def slice_pass(gm: fx.GraphModule, config: Config) -> PassResult:
     read, so the manager needs no copy of it to fall back to."""
     nodes_before = len(gm.graph.nodes)
     plan = find_plan(gm, config)
+    ranks = planned_ranks(config, plan)
     if config.memory_budget is not None:
         counts, planning = plan_counts(gm, plan, config)
     else:
-        counts, planning = {key: fixed_count(config, r) for key, r in plan.regions().items()}, None
+        counts, planning = {key: fixed_count(config, r, ranks) for key, r in plan.regions().items()}, None
     # Applied to a copy: a plan that does not lower the whole program's peak is dropped.
     trial, val_map = copy_with_map(gm)
-    applied = apply_plan(trial, remap_plan(plan, val_map), counts)
+    applied = apply_plan(trial, remap_plan(plan, val_map), counts, ranks)
     after = predicted_peak(trial) if applied.records else plan.peak_before
     worse = bool(applied.records) and after >= plan.peak_before
     records = [] if worse else applied.records
