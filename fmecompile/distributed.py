@@ -122,9 +122,17 @@ class Share:
         parts when it knows how many ranks will share a loop, and then every loop over an
         axis splits it alike, so sharded.py passes activations between them as they are."""
         starts = [start for start, _ in self.ranges]
-        extent = self.ranges[-1][0] + self.ranges[-1][1]
-        edges = [bisect.bisect_left(starts, start) for start, _ in even_parts(extent, len(self.team.ranks))]
+        edges = [bisect.bisect_left(starts, start) for start, _ in even_parts(self.extent, len(self.team.ranks))]
         return [range(a, b) for a, b in zip(edges, edges[1:] + [len(starts)])]
+
+    def rows(self) -> list[tuple[int, int]]:
+        """Each team rank's (start, length) along the loop's axis: its block of chunks."""
+        return [(self.ranges[b.start][0] if len(b) else self.extent, sum(self.ranges[c][1] for c in b))
+                for b in self.blocks()]
+
+    @property
+    def extent(self) -> int:
+        return self.ranges[-1][0] + self.ranges[-1][1]
 
     @contextlib.contextmanager
     def inside(self, chunk: int) -> Iterator[None]:

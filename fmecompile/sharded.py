@@ -25,9 +25,10 @@ team issues the same collectives in the same order.
 from __future__ import annotations
 
 import functools
+import itertools
+import math
 import operator
 import weakref
-import itertools
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -234,9 +235,7 @@ def _find_local_reads(loop: ChunkLoop) -> dict[int, tuple[int, int]] | None:
 
 def _run_local(loop: ChunkLoop, share: Share, reads: dict[int, tuple[int, int]], args: list) -> tuple:
     spec, team = loop.spec, share.team
-    blocks = share.blocks()
-    extent = spec.ranges[-1][0] + spec.ranges[-1][1]
-    rows = [(spec.ranges[b.start][0] if len(b) else extent, sum(spec.ranges[c][1] for c in b)) for b in blocks]
+    blocks, rows = share.blocks(), share.rows()
     mine = blocks[team.me]
     origin, length = rows[team.me]
 
@@ -290,7 +289,7 @@ def _resplit(shard: Shard, split: Split) -> torch.Tensor:
     own = _box(source, me, split, me)
     if own is not None:
         _in_part(out, split, me, own).copy_(_in_part(shard.local, source, me, own))
-    limit = max(MIN_PIECE, _numel(shard.shape) // (PIECES * len(team.ranks)))
+    limit = max(MIN_PIECE, math.prod(shard.shape) // (PIECES * len(team.ranks)))
 
     def outgoing(q: int) -> list[torch.Tensor]:
         return [_in_part(shard.local, source, me, piece) for piece in _pieces(_box(source, me, split, q), shard.shape, limit)]
@@ -312,7 +311,7 @@ def _pieces(box: dict[int, tuple[int, int]] | None, shape: tuple[int, ...], limi
         return []
     sizes = [box[d][1] if d in box else n for d, n in enumerate(shape)]
     free = next((d for d, n in enumerate(shape) if d not in box and n > 1), None)
-    count = 1 if free is None else min(shape[free], -(-_numel(tuple(sizes)) // limit))
+    count = 1 if free is None else min(shape[free], -(-math.prod(sizes) // limit))
     if count <= 1:
         return [box]
     return [{**box, free: part} for part in even_parts(shape[free], count) if part[1]]
@@ -355,28 +354,26 @@ def _moments(x: torch.Tensor, chunking: Chunking, num_groups: int, ranges: tuple
         batch = ranges[chunk][1] * chunking.inner if chunking.dim == 0 else x.shape[0]
         return (batch, num_groups, 3)
 
-    sizes = [sum(_numel(shape(c)) for c in b) for b in blocks]
+    sizes = [sum(math.prod(shape(c)) for c in b) for b in blocks]
     dtype = torch.float64 if x.dtype == torch.float64 else torch.float32  # gn_moments' contract
     flat = torch.zeros(max(sizes), dtype=dtype, device=x.device)
     if mine:
         torch.cat([m.reshape(-1) for m in mine], out=flat[:sizes[team.me]])
-    every = [torch.empty_like(flat) for _ in blocks]
-    dist.all_gather(every, flat, group=team.group)
-    count_sent(flat.numel() * flat.element_size())
     parts = []
-    for block, data in zip(blocks, every):
+    for block, data in zip(blocks, _all_gathered(flat, team)):
         offset = 0
         for chunk in block:
-            parts.append(data[offset:offset + _numel(shape(chunk))].view(shape(chunk)))
-            offset += _numel(shape(chunk))
+            parts.append(data[offset:offset + math.prod(shape(chunk))].view(shape(chunk)))
+            offset += math.prod(shape(chunk))
     return torch.ops.fme.merge_moments(parts)
 
 
-def _numel(shape: tuple[int, ...]) -> int:
-    out = 1
-    for d in shape:
-        out *= d
-    return out
+def _all_gathered(tensor: torch.Tensor, team: Team) -> list[torch.Tensor]:
+    """Every team rank's `tensor` (all the same shape), in team order."""
+    every = [torch.empty_like(tensor) for _ in team.ranks]
+    dist.all_gather(every, tensor.contiguous(), group=team.group)
+    count_sent(tensor.numel() * tensor.element_size())
+    return every
 
 
 # --- ops between loops -----------------------------------------------------------------
@@ -413,7 +410,7 @@ def _pointwise(target: Any, args: tuple, kwargs: dict) -> Shard | None:
     shapes = [v.shape if isinstance(v, Shard) else tuple(v.shape) for v in leaves
               if isinstance(v, (Shard, torch.Tensor))]
     out_shape = tuple(torch.broadcast_shapes(*shapes))
-    lead = max((v for v in leaves if isinstance(v, Shard)), key=lambda v: _numel(v.shape))
+    lead = max((v for v in leaves if isinstance(v, Shard)), key=lambda v: math.prod(v.shape))
     dim = lead.split.dim + len(out_shape) - len(lead.shape)
     if lead.shape[lead.split.dim] != out_shape[dim]:
         return None
@@ -463,10 +460,7 @@ def _group_norm(target: Any, args: tuple, kwargs: dict) -> Shard | None:
     own = torch.ops.fme.gn_moments(x.local, groups) if x.part[1] else None
     template = torch.zeros((x.shape[0], groups, 3), device=x.local.device,
                            dtype=torch.float64 if x.local.dtype == torch.float64 else torch.float32)
-    mine = own if own is not None else template
-    every = [torch.empty_like(mine) for _ in x.team.ranks]
-    dist.all_gather(every, mine.contiguous(), group=x.team.group)
-    count_sent(mine.numel() * mine.element_size())
+    every = _all_gathered(own if own is not None else template, x.team)
     moments = torch.ops.fme.merge_moments([m for m, (_, n) in zip(every, x.split.bounds) if n])
     fused = target._schema.name == "fme::group_norm"
     out = torch.ops.fme.gn_apply(x.local, moments, bound["weight"], bound["bias"], groups, bound["eps"],
@@ -540,12 +534,12 @@ def _reshape(x: Shard, shape: Any) -> Shard | None:
     into) the dims after it where the bounds allow."""
     shape = _resolve(list(shape), x.shape)
     dim = x.split.dim
-    before, size = _numel(x.shape[:dim]), x.shape[dim]
-    after = _numel(x.shape[dim + 1:])
-    new = next((d for d in range(len(shape)) if _numel(shape[:d]) == before and shape[d] != 1), None)
+    before, size = math.prod(x.shape[:dim]), x.shape[dim]
+    after = math.prod(x.shape[dim + 1:])
+    new = next((d for d in range(len(shape)) if math.prod(shape[:d]) == before and shape[d] != 1), None)
     if new is None or size == 1:
         return None
-    rest = _numel(shape[new + 1:])
+    rest = math.prod(shape[new + 1:])
     if shape[new] * rest != size * after:
         return None
     if shape[new] >= size:
@@ -559,8 +553,8 @@ def _reshape(x: Shard, shape: Any) -> Shard | None:
 
 def _resolve(shape: list[int], whole_shape: tuple[int, ...]) -> list[int]:
     if -1 in shape:
-        known = _numel(tuple(d for d in shape if d != -1))
-        shape[shape.index(-1)] = _numel(whole_shape) // known
+        known = math.prod(d for d in shape if d != -1)
+        shape[shape.index(-1)] = math.prod(whole_shape) // known
     return shape
 
 

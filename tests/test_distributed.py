@@ -155,8 +155,7 @@ def test_chunks_fall_on_the_ranks_parts(extent, chunks, ranks):
     assert [s for s, _ in ranges] == [sum(n for _, n in ranges[:i]) for i in range(len(ranges))]
     assert sum(n for _, n in ranges) == extent and all(n > 0 for _, n in ranges)
     share = Share(run=None, team=Team(tuple(range(ranks))), ranges=tuple(ranges), batch=False)
-    rows = [(ranges[b.start][0] if len(b) else extent, sum(ranges[c][1] for c in b)) for b in share.blocks()]
-    assert [n for _, n in rows] == [n for _, n in even_parts(extent, ranks)]
+    assert share.rows() == even_parts(extent, ranks)
 
 
 @given(shape=st.lists(st.integers(1, 6), min_size=2, max_size=4), data=st.data())
