@@ -11,7 +11,7 @@ setup(
     version="0.1.0",
     description="FX graph-rewriting compiler for memory-efficient video diffusion inference",
     python_requires=">=3.10",
-    packages=["fmecompile", "fmecompile.tools", "fmecompile.kernels", "fmecompile.passes",
+    packages=["fmecompile", "fmecompile.tools", "fmecompile.runtime", "fmecompile.kernels", "fmecompile.passes",
               "fmecompile.passes.slice", "fmecompile.passes.group", "fmecompile.passes.rehash"],
     package_dir={
         "fmecompile": "fmecompile",

@@ -4,7 +4,7 @@ No GPU run: every input is computed on this CPU from the real config at real siz
 - FLOPs of one stock call: torch's FlopCounterMode over fake tensors.
 - Activation peak of one process: the compiled program's predicted peak (slice+group, fp16).
 - Bytes re-split per batch element: counted on the compiled program. At run time
-  (fmecompile/sharded.py) a frame loop reading a tensor a pixel loop wrote (or the reverse)
+  (fmecompile/runtime/sharded.py) a frame loop reading a tensor a pixel loop wrote (or the reverse)
   re-splits it by an all-to-all; this walks the graph the same way: each loop's chunked
   input, back through views and pointwise ops to the loop that wrote it, counted once per
   tensor and axis.
@@ -32,9 +32,9 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils.flop_counter import FlopCounterMode
 
 import fmecompile as fme
-from fmecompile.loop import loop_of
+from fmecompile.runtime.loop import loop_of
 from fmecompile.passes.liveness import predicted_peak
-from fmecompile.sharded import PIECES, VIEW_RULES, local_reads
+from fmecompile.runtime.sharded import PIECES, VIEW_RULES, local_reads
 from fmecompile.tools import zoo
 from fmecompile.tools.bench import environment, markdown_table, write_json
 

@@ -45,7 +45,7 @@ from .errors import ArtifactError, ConfigError, InputError
 from .graph_file import GraphFormatError, dump_graph, load_graph
 from .ir import BUFFER, INPUT_ROLE, PARAMETER, USER, VALUE, GraphInput, placeholders
 from .messages import describe_inputs, first_line
-from .runtime import Program
+from .runtime.program import Program
 from .version import __version__
 
 FORMAT = "fmecompile-artifact"

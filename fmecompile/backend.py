@@ -25,8 +25,8 @@ from fmecompile.passes.manager import check_passes_available, run_passes
 from .capture import capture_dynamo, dynamo_input_roles
 from .config import Config
 from .contract import checked_call
-from .cuda_graphs import GraphReplay
-from .distributed import check_available, parallel_run
+from .runtime.cuda_graphs import GraphReplay
+from .runtime.distributed import check_available, parallel_run
 from .errors import ConfigError
 from .ir import node_count
 

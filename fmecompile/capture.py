@@ -22,7 +22,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from .diagnose import export_or_explain
 from .errors import CaptureError
 from .messages import describe_inputs, first_line
-from .offload import hooks_hidden
+from .runtime.offload import hooks_hidden
 from .ir import (BUFFER, CONSTANT, INPUT_ROLE, MODULE_STACK, PARAMETER, USER, VALUE, GraphInput,
                  has_effect, placeholders)
 
@@ -113,7 +113,7 @@ class Captured:
 def capture_module(module: torch.nn.Module, method: str, kwargs: dict[str, Any]) -> Captured:
     """Captures `module.<method>(**kwargs)` with torch.export as a canonical graph. Weight
     offloading hooks are not traced: the weights must already be where the call needs them
-    (fmecompile.offload.call_onloaded puts them there)."""
+    (fmecompile.runtime.offload.call_onloaded puts them there)."""
     start = time.perf_counter()
     log.info("capturing %s.%s with torch.export for %s", type(module).__name__, method,
              describe_inputs(kwargs))

@@ -26,9 +26,9 @@ from .config import Config
 from .contract import checked_call
 from .errors import ConfigError, FmeError, InputError
 from .messages import describe_inputs
-from .offload import call_onloaded, hooks_hidden
+from .runtime.offload import call_onloaded, hooks_hidden
 from .rehash import TIMESTEP_ARGUMENT, StepRunner
-from .runtime import Program
+from .runtime.program import Program
 
 
 class CompiledModule(torch.nn.Module):
@@ -70,7 +70,7 @@ class CompiledModule(torch.nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         # An offloaded module's weights are onloaded first: programs are keyed, captured
-        # and run with them on the execution device (see fmecompile/offload.py).
+        # and run with them on the execution device (see fmecompile/runtime/offload.py).
         return call_onloaded(self.module, lambda bound: self._call(self._program_of(bound), bound),
                              self.bind(args, kwargs))
 

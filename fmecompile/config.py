@@ -11,7 +11,7 @@ from typing import Any, Mapping
 from fmecompile.passes.group.patterns import GROUP_PATTERNS
 from fmecompile.passes.registry import EXACT_PASSES, PASS_ORDER, spec_of
 
-from .distributed import PARALLEL_KINDS
+from .runtime.distributed import PARALLEL_KINDS
 from .errors import ConfigError
 
 # Passes run in PASS_ORDER whatever order the user lists them (see passes/registry.py).
@@ -47,12 +47,12 @@ class Config:
         rounding alone can exceed a fixed bound; check(..., float64=True) tells them apart).
         Costs one eager call per signature.
     cuda_graphs: on CUDA inputs, capture each compiled graph once as a CUDA graph and
-        replay it (fmecompile/cuda_graphs.py); where capture is impossible the graph runs
+        replay it (fmecompile/runtime/cuda_graphs.py); where capture is impossible the graph runs
         without one and the report says why. False: never capture.
     parallel: share the slicer's loops across the processes of torch.distributed's default
-        group (fmecompile/distributed.py): "guidance" (the batch loop) and/or "sequence"
+        group (fmecompile/runtime/distributed.py): "guidance" (the batch loop) and/or "sequence"
         (frame and pixel loops, with the tensors between them kept split across the ranks:
-        fmecompile/sharded.py; the default chunk counts are then as many times finer).
+        fmecompile/runtime/sharded.py; the default chunk counts are then as many times finer).
         Exact; every rank returns the whole output. (): one process.
     """
 

@@ -19,7 +19,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from .errors import ArtifactError
 from .ir import INPUT_ROLE, VALUE, GraphInput
-from .loop import Buffer, ChunkLoop, Chunking, LoopSpec, Moments, loop_of
+from .runtime.loop import Buffer, ChunkLoop, Chunking, LoopSpec, Moments, loop_of
 
 ALLOWED_NAMESPACES = ("aten", "fme")
 _PYTHON_TARGETS = {"getitem": operator.getitem, "mul": operator.mul}  # getitem of tuples; int offsets in loops

@@ -25,7 +25,7 @@ import torch
 import torch.fx as fx
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
-from .loop import ChunkLoop, loop_of
+from .runtime.loop import ChunkLoop, loop_of
 
 # The node meta keys of the contract.
 VALUE = "val"

@@ -12,7 +12,7 @@ decoded in one call (SVD's `decode_chunk_size` is overridden): the compiled deco
 them itself, and SVD's temporal decoder gives a different result on partial chunks.
 
 diffusers' weight offloading composes, switched on before or after optimize: the compiled
-parts run its hooks around each call (fmecompile/offload.py), and the pipeline's offload
+parts run its hooks around each call (fmecompile/runtime/offload.py), and the pipeline's offload
 switches put their hooks on the original UNet. Other hooks on the UNet or VAE, which the
 compiled graphs would skip, are refused here.
 """
@@ -26,7 +26,7 @@ from typing import Any, Callable
 
 import torch
 
-from . import offload
+from .runtime import offload
 from .compiled import CompiledModule
 from .config import Config
 from .errors import FmeError
@@ -250,7 +250,7 @@ _ENCODE_USE = {
 # Pipeline methods that read or change the components themselves: they run with the original
 # UNet in place. save_pretrained: diffusers skips a component whose class it cannot save, and
 # the folder would lack unet/. The offload switches: their hooks go on the original UNet, where
-# the compiled one runs them (fmecompile/offload.py), and not on the CompiledModule, which
+# the compiled one runs them (fmecompile/runtime/offload.py), and not on the CompiledModule, which
 # accelerate would mistake for the model (its attributes are the UNet's).
 _WITH_ORIGINALS = ("save_pretrained", "enable_model_cpu_offload", "enable_sequential_cpu_offload",
                    "enable_group_offload", "maybe_free_model_hooks", "remove_all_hooks", "reset_device_map")

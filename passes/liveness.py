@@ -20,7 +20,7 @@ import torch.fx as fx
 from torch.multiprocessing.reductions import StorageWeakRef
 
 from fmecompile.ir import tensors_of
-from fmecompile.loop import loop_of
+from fmecompile.runtime.loop import loop_of
 
 Storage = StorageWeakRef
 

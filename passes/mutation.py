@@ -14,7 +14,7 @@ import operator
 
 import torch.fx as fx
 
-from fmecompile.loop import loop_of
+from fmecompile.runtime.loop import loop_of
 
 from .liveness import aliased_inputs, union_alias_edges
 

@@ -2,7 +2,7 @@
 whole, each element once, and nothing reads memory before it is written or after it is
 overwritten.
 
-A loop (fmecompile/loop.py) runs its body once per chunk of its schedule; the body writes
+A loop (fmecompile/runtime/loop.py) runs its body once per chunk of its schedule; the body writes
 each buffer with `copy_(narrow(B | view(B, split), dim, start, len), chunk)`, where start
 and len are ints computed from the chunk's `start` and `length`. This module evaluates
 those offsets for every chunk of the schedule, independently of how the slicer derived
@@ -31,7 +31,7 @@ import torch.fx as fx
 
 from fmecompile.errors import FmeError
 from fmecompile.ir import loop_bodies
-from fmecompile.loop import LENGTH, START, ChunkLoop, loop_of
+from fmecompile.runtime.loop import LENGTH, START, ChunkLoop, loop_of
 
 from .liveness import may_alias_classes
 from .mutation import VIEW, WRITE, access, writes_in_place

@@ -42,7 +42,7 @@ def saved(tmp_path_factory):
 
 FRESH_PROCESS_LOAD = """
 import sys, time, torch
-import fmecompile, fmecompile.compiled as compiled_module, fmecompile.runtime as runtime_module
+import fmecompile, fmecompile.compiled as compiled_module, fmecompile.runtime.program as runtime_module
 from fmecompile.tools import zoo
 
 def refuse(*args, **kwargs):

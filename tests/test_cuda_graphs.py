@@ -1,4 +1,4 @@
-"""CUDA graphs (fmecompile/cuda_graphs.py). On this CPU machine: a graph says why it runs
+"""CUDA graphs (fmecompile/runtime/cuda_graphs.py). On this CPU machine: a graph says why it runs
 without one, and the replay logic runs against a stand-in for the CUDA calls whose
 "graph" replays by running the captured function into the captured outputs, as a CUDA
 graph writes into its pool: user inputs reach the graph through its static buffers, the
@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import fmecompile as fme
-from fmecompile import cuda_graphs
+from fmecompile.runtime import cuda_graphs
 from video_modules import VideoBlocks, video
 
 pytestmark = pytest.mark.usefixtures("reference_kernels")

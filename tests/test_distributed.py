@@ -1,4 +1,4 @@
-"""Programs run across processes (fmecompile/distributed.py and sharded.py), on CPU
+"""Programs run across processes (fmecompile/runtime/distributed.py and sharded.py), on CPU
 processes with gloo: 2 and 3 ranks (so splits are uneven, and under guidance a batch of 2
 on 3 ranks makes teams of 2 and 1), the SVD and SVD-XT UNets, the temporal VAE decoder and
 the motion UNet, guidance and sequence parallel alone and together, and random programs
@@ -22,9 +22,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import fmecompile as fme
-from fmecompile.distributed import Share, Team, even_parts
+from fmecompile.runtime.distributed import Share, Team, even_parts
 from fmecompile.passes.slice.codegen import chunk_ranges
-from fmecompile.sharded import Split, _box, _pieces
+from fmecompile.runtime.sharded import Split, _box, _pieces
 
 # (model, parallel, inputs, the bound on each rank's peak against one process, or None)
 # per world size: one spawn per world size keeps process start-up shared.
@@ -55,7 +55,7 @@ def _worker(rank: int, world: int, store: str, results: str) -> None:
 
 
 def _run_case(name: str, parallel: tuple, shape: dict, compare_peaks: bool) -> tuple:
-    from fmecompile.distributed import sent_bytes
+    from fmecompile.runtime.distributed import sent_bytes
     from fmecompile.tools import zoo
     from fmecompile.tools.meters import LiveTensorBytes
 

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 import fmecompile as fme
 from conftest import TINY_MODELS, tiny_model
 from fmecompile.ir import loop_bodies
-from fmecompile.loop import loop_of
+from fmecompile.runtime.loop import loop_of
 from fmecompile.tools import zoo
 from fmecompile.tools.bench import output_error
 from fmecompile.passes.group.patterns import GROUP_PATTERNS

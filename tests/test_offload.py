@@ -20,7 +20,7 @@ import pytest
 import torch
 
 import fmecompile as fme
-from fmecompile import offload
+from fmecompile.runtime import offload
 from fmecompile.optimize import is_optimized
 from fmecompile.tools import pipelines, zoo
 

@@ -14,7 +14,7 @@ from fmecompile.passes.liveness import predicted_peak
 from fmecompile.tools.pipelines import build_pipeline, call_arguments
 from fmecompile.passes.rehash.schedule import key_steps, key_steps_for_count, uniform_schedule
 from fmecompile.rehash import calibrate
-from fmecompile.runtime import executor_for
+from fmecompile.runtime.program import executor_for
 
 pytestmark = pytest.mark.usefixtures("reference_kernels")
 TIMESTEPS = (0.9, 0.7, 0.5, 0.3, 0.1)

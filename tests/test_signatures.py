@@ -92,7 +92,7 @@ def test_a_flipped_byte_anywhere_is_an_artifact_error(model, inputs, tmp_path):
 
 FRESH_PIPELINE = """
 import sys, torch
-import fmecompile as fme, fmecompile.compiled as compiled_module, fmecompile.runtime as runtime_module
+import fmecompile as fme, fmecompile.compiled as compiled_module, fmecompile.runtime.program as runtime_module
 from fmecompile.tools import pipelines
 
 def refuse(*args, **kwargs):

@@ -16,7 +16,7 @@ import torch
 import fmecompile as fme
 from fmecompile.tools.bench import output_error
 from fmecompile.capture import capture_module as capture
-from fmecompile.runtime import Program
+from fmecompile.runtime.program import Program
 from fmecompile.tools.meters import measure_memory
 from fmecompile.ir import copy_graph_module
 from fmecompile.passes.slice.plan import apply_plan, find_plan, fixed_count

@@ -18,15 +18,15 @@ PACKAGES = {"fmecompile": "fmecompile", "passes": "fmecompile.passes", "kernels"
 # with a matching pattern is a module's layer.
 LAYERS = [
     ("foundation", ("fmecompile.version", "fmecompile.errors", "fmecompile.messages", "fmecompile.progress",
-                    "fmecompile.distributed",
-                    "fmecompile.loop", "fmecompile.sharded", "fmecompile.ir")),
+                    "fmecompile.runtime", "fmecompile.runtime.distributed",
+                    "fmecompile.runtime.loop", "fmecompile.runtime.sharded", "fmecompile.ir")),
     ("pass declarations", ("fmecompile.passes.registry", "fmecompile.passes.group.patterns",
                            "fmecompile.passes")),  # the bare package: a docstring
     ("config", ("fmecompile.config",)),
-    ("capture and kernels", ("fmecompile.diagnose", "fmecompile.offload", "fmecompile.capture",
+    ("capture and kernels", ("fmecompile.diagnose", "fmecompile.runtime.offload", "fmecompile.capture",
                              "fmecompile.kernels.*")),
     ("passes", ("fmecompile.passes.*",)),
-    ("runtime", ("fmecompile.contract", "fmecompile.cuda_graphs", "fmecompile.rehash", "fmecompile.runtime", "fmecompile.compiled",
+    ("runtime", ("fmecompile.contract", "fmecompile.runtime.cuda_graphs", "fmecompile.rehash", "fmecompile.runtime.program", "fmecompile.compiled",
                  "fmecompile.backend")),
     ("artifacts", ("fmecompile.graph_file", "fmecompile.artifacts")),
     ("api", ("fmecompile.check", "fmecompile.optimize", "fmecompile")),  # the bare package: the public API

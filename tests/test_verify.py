@@ -12,7 +12,7 @@ import torch
 
 import fmecompile as fme
 from fmecompile.ir import copy_graph_module, loop_bodies
-from fmecompile.loop import loop_of
+from fmecompile.runtime.loop import loop_of
 from fmecompile.passes.slice import codegen as chunk_loops
 from fmecompile.passes.verify import COPY, LoopCheckError, verify_loops
 from video_modules import VideoBlocks, video

@@ -19,7 +19,7 @@ import torch.distributed as dist
 
 from ..compiled import compile as fme_compile
 from ..config import Config
-from ..distributed import sent_bytes
+from ..runtime.distributed import sent_bytes
 from . import zoo
 from .bench import Case, environment, output_error
 from .meters import measure_memory, time_call

@@ -20,7 +20,7 @@ import torch.fx as fx
 import fmecompile.kernels  # noqa: F401  (registers the fme:: ops)
 from fmecompile.config import Config
 from fmecompile.ir import computing_nodes, node_count, refresh_meta
-from fmecompile.loop import drop_unused_inputs, loop_of
+from fmecompile.runtime.loop import drop_unused_inputs, loop_of
 
 from ..liveness import may_alias_classes, predicted_peak
 from ..mutation import WRITE, access, writes_in_place

@@ -26,9 +26,9 @@ import torch.fx as fx
 
 import fmecompile.kernels  # noqa: F401  (registers fme:: ops)
 
-from fmecompile.distributed import even_parts
+from fmecompile.runtime.distributed import even_parts
 from fmecompile.ir import MODULE_STACK, REGION, VALUE, shape as _shape
-from fmecompile.loop import LENGTH, START, Buffer, ChunkLoop, Chunking, LoopSpec, Moments
+from fmecompile.runtime.loop import LENGTH, START, Buffer, ChunkLoop, Chunking, LoopSpec, Moments
 
 from ..liveness import alias_class
 from ..mutation import local_alias_classes, touched_classes

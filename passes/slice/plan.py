@@ -11,7 +11,7 @@ from typing import Any
 import torch.fx as fx
 
 from fmecompile.config import Config
-from fmecompile.distributed import sequence_ranks
+from fmecompile.runtime.distributed import sequence_ranks
 from fmecompile.ir import loop_bodies, module_path, refresh_meta
 
 from ..liveness import class_lookup, may_alias_classes, predicted_peak

@@ -20,12 +20,12 @@ import torch.utils._pytree as pytree
 
 from fmecompile.passes.manager import compile_graphs
 
-from .capture import Captured
-from .config import Config
+from ..capture import Captured
+from ..config import Config
 from .cuda_graphs import GraphReplay
 from .distributed import check_available, parallel_run
-from .ir import BUFFER, CONSTANT, PARAMETER, GraphInput, graph_inputs
-from .rehash import RehashExecutor, StepRunner
+from ..ir import BUFFER, CONSTANT, PARAMETER, GraphInput, graph_inputs
+from ..rehash import RehashExecutor, StepRunner
 
 
 class Executor(Protocol):

@@ -39,7 +39,7 @@ import torch.utils._pytree as pytree
 
 from .distributed import (BATCH, SEQUENCE, Share, Team, broadcast_part, count_sent, current_run, even_parts,
                           exchange, sharing)
-from .errors import FmeError
+from ..errors import FmeError
 from .loop import START, ChunkLoop, Chunking, take
 
 aten = torch.ops.aten

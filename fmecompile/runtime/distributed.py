@@ -28,7 +28,7 @@ from typing import Callable, Iterator
 import torch
 import torch.distributed as dist
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 GUIDANCE, SEQUENCE = "guidance", "sequence"
 PARALLEL_KINDS = (GUIDANCE, SEQUENCE)

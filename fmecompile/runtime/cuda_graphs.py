@@ -23,10 +23,10 @@ from typing import Any, Callable
 import torch
 import torch.fx as fx
 
-from .config import Config
+from ..config import Config
 from .sharded import call_graph
-from .ir import USER, CACHE, graph_inputs
-from .messages import first_line
+from ..ir import USER, CACHE, graph_inputs
+from ..messages import first_line
 
 log = logging.getLogger("fmecompile")
 

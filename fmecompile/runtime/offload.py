@@ -27,7 +27,7 @@ from typing import Any, Callable, Iterator
 import torch
 import torch.utils._pytree as pytree
 
-from .errors import FmeError
+from ..errors import FmeError
 
 # accelerate's hooks that only move weights and inputs (a SequentialHook chains several).
 _ACCELERATE_HOOKS = ("CpuOffload", "AlignDevicesHook")
