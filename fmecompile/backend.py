@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
+import warnings
 from typing import Any, Callable, Hashable, Sequence
 
 import torch
@@ -82,6 +83,11 @@ class SpecializingGraph:
         self.programs: dict[Hashable, fx.GraphModule] = {}
         self.replays: dict[Hashable, Callable[..., Any]] = {}
         self.reports: dict[Hashable, dict] = {}
+        # Dynamo guards on the module's attributes, submodules and parameters, and on the hooks
+        # of the module it was called on, but by default not on hooks added to submodules later
+        # (torch._dynamo.config.skip_nnmodule_hook_guards). The graph cannot see the modules, so
+        # it says when hooks were registered anywhere since it was compiled.
+        self.hooks_seen = torch.utils.hooks.RemovableHandle.next_id
 
     @torch._dynamo.disable
     def __call__(self, *args: Any) -> Any:
@@ -89,6 +95,8 @@ class SpecializingGraph:
             (tuple(a.shape), a.dtype, a.device) if isinstance(a, torch.Tensor) else (type(a), a)
             for a in args
         )
+        if torch.utils.hooks.RemovableHandle.next_id != self.hooks_seen:
+            self._warn_hooks()
         replay = self.replays.get(key)
         if replay is None:
             replay = self._compile(args, key)
@@ -96,6 +104,15 @@ class SpecializingGraph:
                 return checked_call(lambda: replay(*args), lambda: self.gm(*args), self.gm,
                                     self.config.passes)[0]
         return replay(*args)
+
+    def _warn_hooks(self) -> None:
+        self.hooks_seen = torch.utils.hooks.RemovableHandle.next_id
+        if torch._dynamo.config.skip_nnmodule_hook_guards:
+            warnings.warn("fmecompile: hooks were registered since this graph was compiled; torch.compile "
+                          "does not guard on hooks of submodules, so a graph compiled before a hook was "
+                          "added to one still runs without it. Set torch._dynamo.config."
+                          "skip_nnmodule_hook_guards = False before compiling to have it recompile, or "
+                          "register hooks before the first call", stacklevel=3)
 
     def _compile(self, args: Sequence[Any], key: Hashable) -> Callable[..., Any]:
         start = time.perf_counter()

@@ -95,7 +95,9 @@ class _Entry(torch.nn.Module):
         self.method = method
 
     def forward(self, **kwargs: Any) -> Any:
-        return getattr(self.module, self.method)(**kwargs)
+        # Through __call__ for forward, so that the module's own forward hooks are captured.
+        method = self.module if self.method == "forward" else getattr(self.module, self.method)
+        return method(**kwargs)
 
 
 @dataclass

@@ -3,13 +3,16 @@
 A `CompiledModule` is a drop-in replacement for the module (or bound method, such as
 `vae.decode`) it was compiled from: same call signature, same return type. It holds the
 original module, so weights are always the module's current ones, and one compiled
-`Program` per input signature (shapes, dtypes, devices, non-tensor argument values); a
-call with a new signature is captured and compiled again, never answered by a program
-compiled for other inputs.
+`Program` per input signature (shapes, dtypes, devices, non-tensor argument values) and
+model state (fmecompile/model_state.py: the module tree, its attributes, processors and hooks,
+the weights' shapes and placement); a call with a new signature, or after the model changed,
+is captured and compiled again, never answered by a program compiled for other inputs or
+another model.
 """
 from __future__ import annotations
 
 import inspect
+import logging
 import re
 import typing
 import warnings
@@ -26,9 +29,13 @@ from .config import Config
 from .contract import checked_call
 from .errors import ConfigError, FmeError, InputError
 from .messages import describe_inputs
+from .model_state import ModelState
 from .runtime.offload import call_onloaded, hooks_hidden
 from .rehash import TIMESTEP_ARGUMENT, StepRunner
 from .runtime.program import Program
+from .signature import call_signature, method_name
+
+log = logging.getLogger("fmecompile")
 
 
 class CompiledModule(torch.nn.Module):
@@ -56,9 +63,12 @@ class CompiledModule(torch.nn.Module):
         # Not `config`: pipelines read `unet.config` and must get the model's own.
         self.fme_config = config
         self.method = method
-        self._signature = inspect.signature(getattr(module, method))
+        self._signature = call_signature(module, method)
         self._programs: dict[Hashable, Program] = {}
         self._current: Program | None = None
+        self._state = ModelState(module)
+        self._last_state: Hashable = None  # the model state of the latest call
+        self._why: dict[Program, str] = {}  # why each program after the first was built
         self._unchecked: set[Program] = set()  # programs Config(check=True) has yet to check
         self.checks: list = []  # their CheckResults, in order
         self.steps = StepRunner(config) if "rehash" in config.passes else None
@@ -79,9 +89,11 @@ class CompiledModule(torch.nn.Module):
         return call_onloaded(self.module, self._program_of, self.bind(args, kwargs))
 
     def _program_of(self, bound: dict[str, Any]) -> Program:
-        program = self._programs.get(self._key(bound))
+        state = self._state.key()
+        program = self._programs.get((self._key(bound), state))
         if program is None:
-            program = self._specialize(bound)
+            program = self._specialize(bound, state)
+        self._last_state = state
         self._current = program
         return program
 
@@ -100,7 +112,8 @@ class CompiledModule(torch.nn.Module):
         """The module's own code on the call, with its weights where they are now (its
         offload hooks, if any, have already onloaded them)."""
         with hooks_hidden(self.module):
-            return getattr(self.module, self.method)(**bound)
+            method = self.module if self.method == "forward" else getattr(self.module, self.method)
+            return method(**bound)  # the module's own forward hooks run, as in capture
 
     def bind(self, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
         """The call's arguments by name, defaults filled in, as the module would see them."""
@@ -130,16 +143,24 @@ class CompiledModule(torch.nn.Module):
                 parts.append((tuple(leaf.shape), leaf.dtype, leaf.device))
             else:
                 parts.append((type(leaf).__name__, leaf if isinstance(leaf, Hashable) else repr(leaf)))
-        # Graphs bake in the device and dtype of the weights (arange, casts): moving the
-        # module means a new program.
-        parts.append(frozenset((p.dtype, p.device) for p in self.module.parameters()))
         return tuple(parts)
 
-    def _specialize(self, named: dict[str, Any]) -> Program:
-        if self._programs:
-            warnings.warn(f"fmecompile: new input signature {describe_inputs(named)}; compiling "
-                          f"specialization {len(self._programs) + 1}", stacklevel=3)
-        return self.add_program(capture_module(self.module, self.method, named), named)
+    def _specialize(self, named: dict[str, Any], state: Hashable) -> Program:
+        reasons = []
+        if self._last_state is not None and state != self._last_state:
+            # Logged, not warned: changing the model between calls is what users do (FreeU, LoRA).
+            reasons.append(f"the model changed since the last call ({self._state.change(self._last_state, state)})")
+            log.info("fmecompile: %s; capturing %s.%s again", reasons[-1], type(self.module).__name__,
+                     self.method)
+        inputs = self._key(named)
+        if self._programs and all(key[0] != inputs for key in self._programs):
+            reasons.append(f"new input signature {describe_inputs(named)}")
+            warnings.warn(f"fmecompile: {reasons[-1]}; compiling specialization {len(self._programs) + 1}",
+                          stacklevel=3)
+        program = self.add_program(capture_module(self.module, self.method, named), named)
+        if reasons:
+            self._why[program] = "; ".join(reasons)
+        return program
 
     def add_program(self, captured: Captured, named: dict[str, Any]) -> Program:
         """Compiles `captured` with this module's config and keeps it for `named`'s signature."""
@@ -148,7 +169,7 @@ class CompiledModule(torch.nn.Module):
     def adopt_program(self, program: Program, named: dict[str, Any]) -> Program:
         """Keeps an already compiled program (one loaded from an artifact, built with this
         module's `steps`) for `named`'s signature."""
-        self._programs[self._key(named)] = program
+        self._programs[self._key(named), self._state.key()] = program
         if self.fme_config.check:
             self._unchecked.add(program)
         self._current = program
@@ -170,6 +191,8 @@ class CompiledModule(torch.nn.Module):
     def report(self) -> dict[str, Any]:
         program = self.current_program()
         report = {**program.report, "cuda_graphs": program.cuda_graphs()}
+        if program in self._why:  # why it was built, where it was not the first program
+            report["recompiled"] = self._why[program]
         if self.steps is not None:
             report = {**report, "rehash": {**report["rehash"], **self.steps.describe()}}
         return report
@@ -248,7 +271,7 @@ def split_method(fn: Any) -> tuple[torch.nn.Module, str]:
         return fn, "forward"
     owner = getattr(fn, "__self__", None)
     if isinstance(owner, torch.nn.Module) and callable(fn):
-        return owner, fn.__name__
+        return owner, method_name(owner, fn)
     raise FmeError(
         f"fmecompile.compile takes an nn.Module or a bound method of one (e.g. vae.decode), "
         f"got {type(fn).__name__}"

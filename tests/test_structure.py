@@ -24,6 +24,7 @@ LAYERS = [
                            "fmecompile.passes")),  # the bare package: a docstring
     ("config", ("fmecompile.config",)),
     ("capture and kernels", ("fmecompile.diagnose", "fmecompile.runtime.offload", "fmecompile.capture",
+                             "fmecompile.signature", "fmecompile.model_state",
                              "fmecompile.kernels.*")),
     ("passes", ("fmecompile.passes.*",)),
     ("runtime", ("fmecompile.contract", "fmecompile.runtime.cuda_graphs", "fmecompile.rehash", "fmecompile.runtime.program", "fmecompile.compiled",

@@ -33,6 +33,9 @@ from ..errors import FmeError
 _ACCELERATE_HOOKS = ("CpuOffload", "AlignDevicesHook")
 # The hooks group offloading registers in a diffusers HookRegistry, by registry name.
 _GROUP_HOOKS = ("group_offloading", "layer_execution_tracker", "lazy_prefetch_group_offloading")
+# The attributes these hooks set on a module (accelerate's add_hook_to_module, diffusers'
+# HookRegistry; both also replace `forward` in the instance): not model state (model_state.py).
+HOOK_ATTRIBUTES = ("_hf_hook", "_old_forward", "_diffusers_hook")
 # What `refusal` says fmecompile does compose with.
 COMPOSES_WITH = ("enable_model_cpu_offload(), enable_sequential_cpu_offload() and group offloading "
                  "(enable_group_offload)")
