@@ -13,12 +13,13 @@ check says something may have changed since the last walk:
 - torch's global registration hooks version every submodule, parameter and buffer
   assignment (`module.x = ...`, `register_*`, `add_module`);
 - `RemovableHandle.next_id` grows with every hook registered anywhere;
-- plain attribute writes are seen by no hook, so the check compares, in one C-level pass,
-  the identities of every value in each module's `__dict__`, in the containers it holds
-  (dicts, lists, sets: a LoRA layer's `scaling` dict is changed in place), in the `__dict__`
-  of plain objects it holds (attention processors: `processor.scale`), in `_modules`, and
-  in the hook dicts that held hooks (a removed hook), plus the names in `_parameters` and
-  `_buffers` (a deleted parameter). State is read to that depth and no deeper.
+- plain attribute writes are seen by no hook, so the check watches every module's
+  `__dict__`, the containers it holds (dicts, lists, sets: a LoRA layer's `scaling` dict is
+  changed in place), the `__dict__` of plain objects it holds (attention processors:
+  `processor.scale`), `_modules`, the hook dicts that held hooks (a removed hook) and the
+  names in `_parameters` and `_buffers` (a deleted parameter): CPython's version tag of each
+  dict, read in C, and only where a tag moved their contents by identity (`_Watch`). State
+  is read to that depth and no deeper.
 Changes that go around all of these (a write into `_parameters` by hand, `param.data =` with
 another shape, a method changed on the class) are not seen.
 
@@ -38,7 +39,7 @@ import functools
 import itertools
 import operator
 import types
-from typing import Any, Hashable, Iterable
+from typing import Any, Hashable
 
 import torch
 import torch.nn.modules.module as torch_module
