@@ -37,17 +37,20 @@ CASES = {
         ("svd-xt-tiny", ("guidance", "sequence"), dict(batch=2, frames=4, height=64, width=64), None)],
 }
 FUZZED = 30  # random programs under sequence parallel, on 2 ranks
+# README's quick test line: one small sequence-parallel program on 2 spawned ranks (the
+# cases above are marked slow, tests/conftest.py)
+QUICK = {2: [("svd-vae-tiny", ("sequence",), dict(batch=1, frames=4), None)]}
 
 
-def _worker(rank: int, world: int, store: str, results: str) -> None:
+def _worker(rank: int, world: int, store: str, results: str, quick: bool = False) -> None:
     os.environ["TRITON_INTERPRET"] = "0"  # the fme ops' references, as the reference_kernels fixture
     os.environ["FME_STRICT"] = "1"
     import torch.distributed as dist
 
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     found = {(name, parallel): _run_case(name, parallel, shape, bound is not None)
-             for name, parallel, shape, bound in CASES[world]}
-    if world == 2:
+             for name, parallel, shape, bound in (QUICK if quick else CASES)[world]}
+    if world == 2 and not quick:
         found["fuzzed"] = _fuzz()
         found["backend"] = _backend_error()
     torch.save(found, f"{results}.{rank}")
@@ -114,12 +117,14 @@ def _fuzz() -> list[tuple]:
     return errors
 
 
-@pytest.mark.parametrize("world", sorted(CASES))
-def test_shared_programs_equal_one_process_on_every_rank(world, tmp_path):
+def _spawn(world: int, tmp_path, quick: bool = False) -> list[dict]:
     store = tempfile.mktemp(dir=tmp_path)
-    mp.spawn(_worker, args=(world, store, str(tmp_path / "found")), nprocs=world)
-    per_rank = [torch.load(tmp_path / f"found.{rank}") for rank in range(world)]
-    bounds = {(name, parallel): bound for name, parallel, _, bound in CASES[world]}
+    mp.spawn(_worker, args=(world, store, str(tmp_path / "found"), quick), nprocs=world)
+    return [torch.load(tmp_path / f"found.{rank}") for rank in range(world)]
+
+
+def _check_cases(per_rank: list[dict], cases: list) -> None:
+    bounds = {(name, parallel): bound for name, parallel, _, bound in cases}
     for key, bound in bounds.items():
         for rank, found in enumerate(per_rank):
             error, sent, regions, peak = found[key]
@@ -128,12 +133,22 @@ def test_shared_programs_equal_one_process_on_every_rank(world, tmp_path):
             duplicate = key[1] == ("guidance",) and rank >= 2
             assert (sent == 0) == duplicate, f"{key}: rank {rank} sent {sent} bytes"
             assert bound is None or peak <= bound, f"{key}: rank {rank}'s peak is {peak:.3f}x one process's"
+
+
+@pytest.mark.parametrize("world", sorted(CASES))
+def test_shared_programs_equal_one_process_on_every_rank(world, tmp_path):
+    per_rank = _spawn(world, tmp_path)
+    _check_cases(per_rank, CASES[world])
     if world == 2:
         fuzzed = per_rank[0]["fuzzed"]
         assert len(fuzzed) == FUZZED
         for error, model in fuzzed:
             assert error <= 1e-10, (error, model)
         assert all(found["backend"] <= 1e-10 for found in per_rank)
+
+
+def test_a_small_program_equals_one_process_on_two_ranks(tmp_path):
+    _check_cases(_spawn(2, tmp_path, quick=True), QUICK[2])
 
 
 def test_parallel_without_a_process_group_is_refused(svd_tiny):

@@ -33,12 +33,29 @@ def test_configs_ship_as_package_data():
     assert "_class_name" not in load_config("svd_vae_config.json")
 
 
-def test_ci_runs_the_readme_test_line():
+def test_ci_runs_the_readme_test_line_then_the_slow_tests():
     from pathlib import Path
 
     root = Path(__file__).resolve().parent.parent
     readme_lines = [l.strip() for l in (root / "README.md").read_text().splitlines()]
     test_line = next(l for l in readme_lines if l.startswith("pip install") and "pytest" in l)
-    assert test_line in (root / ".ci/run").read_text().splitlines()
+    assert test_line.endswith('python -m pytest -q -m "not slow" tests')
+    ci_lines = (root / ".ci/run").read_text().splitlines()
+    assert test_line in ci_lines
+    slow_line = "python -m pytest -q -m slow tests || status=$?"
+    assert slow_line in ci_lines and ci_lines.index(slow_line) > ci_lines.index(test_line)
+    assert '[ "$status" -ne 5 ]' in ci_lines[ci_lines.index(slow_line) + 1]  # 5: none collected
     demo_line = next(l for l in readme_lines if l.startswith("pip install") and "fme demo" in l)
     assert demo_line.startswith("pip install torch==2.13.0")
+
+
+def test_every_slow_pattern_names_a_test_that_exists():
+    from pathlib import Path
+
+    from conftest import SLOW
+
+    tests = Path(__file__).resolve().parent
+    for pattern in SLOW:
+        file, name = pattern.split("::")
+        function = name.split("[")[0]
+        assert function == "*" or f"def {function}(" in (tests / file).read_text(), pattern
