@@ -14,6 +14,7 @@ from fmecompile.passes.registry import EXACT_PASSES, PASS_ORDER, spec_of
 from .runtime.distributed import PARALLEL_KINDS
 from .errors import ConfigError
 
+AUTO = "auto"  # memory_budget planned from the device's free memory
 # Passes run in PASS_ORDER whatever order the user lists them (see passes/registry.py).
 REHASH_FIELDS = spec_of("rehash").options
 
@@ -32,8 +33,14 @@ class Config:
     batch_chunks: chunks of the batch (the guidance batch) for the whole model, where the
         model is independent along it; None plans it likewise.
     memory_budget: activation memory budget in bytes (an int, or a string such as "1GiB" or
-        "512MB"); the slicer picks the fewest chunks
-        whose predicted peak fits. None: no budget.
+        "512MB"); the slicer picks the plan with the fewest launches (fewest loops, largest
+        chunks) whose predicted peak fits, leaving regions not needed to fit unsliced.
+        "auto" (the default): on CUDA inputs, the device's free memory at compile time
+        less a margin (passes/slice/budget.py: AUTO_MARGIN), or `free_memory` where given;
+        on the CPU without `free_memory`, no budget. None: no budget, the finest default
+        plan (every region at its default chunk count).
+    free_memory: the free memory (bytes or a size string) that memory_budget="auto" plans
+        for instead of asking the device; None: torch.cuda.mem_get_info on CUDA inputs.
     schedule: rehash step schedule, one flag per denoising step, True = full step.
     num_steps / full_steps: rehash with K = full_steps of N = num_steps steps run in full.
     rehash_threshold: gamma of the key-step search (calibration), in (0, 1].
@@ -60,7 +67,8 @@ class Config:
     spatial_chunks: int | None = None
     temporal_chunks: int | None = None
     batch_chunks: int | None = None
-    memory_budget: int | str | None = None
+    memory_budget: int | str | None = "auto"
+    free_memory: int | str | None = None
     schedule: tuple[bool, ...] | None = None
     num_steps: int | None = None
     full_steps: int | None = None
@@ -75,12 +83,8 @@ class Config:
         object.__setattr__(self, "passes", _normalize_passes(self.passes))
         for name in ("spatial_chunks", "temporal_chunks", "batch_chunks", "num_steps", "full_steps"):
             _check_positive_int(name, getattr(self, name))
-        if isinstance(self.memory_budget, str):  # "1GiB", as the CLI's --memory-budget takes
-            try:
-                object.__setattr__(self, "memory_budget", parse_bytes(self.memory_budget))
-            except ConfigError as err:
-                raise ConfigError(f"memory_budget: {err}") from None
-        _check_positive_int("memory_budget", self.memory_budget)
+        for name in ("memory_budget", "free_memory"):
+            self._parse_size(name)
         for name in ("check", "cuda_graphs"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be True or False, got {getattr(self, name)!r}")
@@ -91,6 +95,17 @@ class Config:
         if self.group_patterns is not None:
             object.__setattr__(self, "group_patterns", _normalize_names(
                 "group_patterns", self.group_patterns, GROUP_PATTERNS))
+
+    def _parse_size(self, name: str) -> None:
+        value = getattr(self, name)
+        if name == "memory_budget" and value == AUTO:
+            return
+        if isinstance(value, str):  # "1GiB", as the CLI's --memory-budget takes
+            try:
+                object.__setattr__(self, name, parse_bytes(value))
+            except ConfigError as err:
+                raise ConfigError(f"{name}: {err}") from None
+        _check_positive_int(name, getattr(self, name))
 
     def _check_rehash_fields(self) -> None:
         given = [name for name in REHASH_FIELDS if getattr(self, name) is not None]

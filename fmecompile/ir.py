@@ -32,6 +32,9 @@ VALUE = "val"
 INPUT_ROLE = "fme_input"
 MODULE_STACK = "nn_module_stack"
 REGION = "fme_region"
+# The budget planner's trials mark each node of an inner region with the region's key (a
+# loop's body carries it over), to find the region live at a trial's peak.
+PLAN_REGION = "fme_plan_region"
 
 # GraphInput kinds.
 PARAMETER, BUFFER, CONSTANT, USER, CACHE = "parameter", "buffer", "constant", "user", "cache"
@@ -101,6 +104,54 @@ def arg(node: fx.Node, index: int, name: str, default: Any = None) -> Any:
 def computing_nodes(gm: fx.GraphModule) -> int:
     """Ops the program runs (calls of functions and of loops), each loop body counted once."""
     return sum(n.op in ("call_function", "call_module") for g in [gm, *loop_bodies(gm)] for n in g.graph.nodes)
+
+
+# What a program launches per call, by kind (launches): convolutions, matmuls and
+# attention; fme:: kernels; copies into loop buffers; every other op that is no view.
+LAUNCH_KINDS = ("compute", "fused", "other", "copies")
+_COMPUTE = ("conv1d", "conv2d", "conv3d", "convolution", "linear", "mm", "addmm", "bmm", "baddbmm",
+            "matmul", "scaled_dot_product_attention", "_scaled_dot_product_flash_attention_for_cpu",
+            "_scaled_dot_product_efficient_attention", "_scaled_dot_product_flash_attention",
+            "_scaled_dot_product_cudnn_attention")
+_COPIES = ("copy_", "copy", "clone", "_to_copy")
+
+
+def launches(gm: fx.GraphModule) -> dict[str, int]:
+    """The ops one call of the program runs, by LAUNCH_KINDS, each loop body counted once
+    per chunk (and a two-phase norm's moments once per chunk plus their merge), unlike
+    computing_nodes, which counts each body once: what the device launches, not what was
+    compiled. Views and getitems launch nothing."""
+    counts = dict.fromkeys(LAUNCH_KINDS, 0)
+    _count_launches(gm, 1, counts)
+    return counts
+
+
+def _count_launches(gm: fx.GraphModule, times: int, counts: dict[str, int]) -> None:
+    for node in gm.graph.nodes:
+        loop = loop_of(node)
+        if loop is not None:
+            chunks = len(loop.spec.ranges)
+            counts["fused"] += times * len(loop.spec.moments) * (chunks + 1)  # gn_moments per chunk, merge
+            _count_launches(loop.body, times * chunks, counts)
+        elif node.op == "call_function" and (kind := launch_kind(node.target)) is not None:
+            counts[kind] += times
+
+
+def launch_kind(target: Any) -> str | None:
+    """The LAUNCH_KINDS entry of an op, None for views, getitems and size arithmetic."""
+    if not isinstance(target, torch._ops.OpOverload):
+        return None
+    if target.namespace == "fme":
+        return "fused"
+    name = target._schema.name.split("::")[-1]
+    if name in _COMPUTE:
+        return "compute"
+    if name in _COPIES:
+        return "copies"
+    returns = target._schema.returns
+    if returns and all(r.alias_info is not None and not r.alias_info.is_write for r in returns):
+        return None  # a view of its input
+    return "other"
 
 
 def node_count(gm: fx.GraphModule) -> int:

@@ -82,10 +82,16 @@ def loop_transient(node: fx.Node) -> int:
     loop = loop_of(node)
     if loop is None:
         return 0
-    roles = loop.placeholders()
-    owned = {s for p in sum(roles.values(), []) for s, _ in storages(p)}
-    statistics = sum(size for p in roles["moments"] for _, size in storages(p))
-    return statistics + simulate(list(loop.body.graph.nodes), pinned=owned, uncounted=owned).peak
+    statistics = sum(size for p in loop.placeholders()["moments"] for _, size in storages(p))
+    return statistics + body_walk(node).peak
+
+
+def body_walk(node: fx.Node) -> Walk:
+    """The simulation of a loop node's body for one chunk: its placeholders (the loop's
+    inputs, statistics and buffers) are the loop's, counted outside."""
+    loop = loop_of(node)
+    owned = {s for p in sum(loop.placeholders().values(), []) for s, _ in storages(p)}
+    return simulate(list(loop.body.graph.nodes), pinned=owned, uncounted=owned)
 
 
 def _last_use(nodes: list[fx.Node]) -> dict[Storage, int]:

@@ -18,7 +18,7 @@ import torch.fx as fx
 
 from fmecompile.config import Config
 from fmecompile.errors import FmeError
-from fmecompile.ir import check_graph, copy_graph_module, output_signature
+from fmecompile.ir import check_graph, copy_graph_module, launches, output_signature
 
 from .analyzable import unanalyzable
 from .registry import PASSES, PassResult, PassSpec
@@ -75,6 +75,7 @@ def run_passes(gm: fx.GraphModule, config: Config) -> tuple[fx.GraphModule, dict
         report[spec.name] = result.report
         log.info("pass %s: %s in %.2fs", spec.name, "changed" if result.modified else "no change",
                  time.perf_counter() - start)
+    report["launches"] = launches(gm)  # per call, by kind, after every pass (the group pass fuses)
     return gm, report
 
 

@@ -54,7 +54,8 @@ class PassResult:
 
 PASSES: tuple[PassSpec, ...] = (
     PassSpec("slice", "fmecompile.passes.slice.slicer:slice_pass", exact=True, splits=False,
-             options=("spatial_chunks", "temporal_chunks", "batch_chunks", "memory_budget")),
+             options=("spatial_chunks", "temporal_chunks", "batch_chunks", "memory_budget",
+                      "free_memory")),
     PassSpec("group", "fmecompile.passes.group.grouper:group_pass", exact=True, splits=False,
              options=("group_patterns",), in_place=True),
     PassSpec("rehash", "fmecompile.passes.rehash.cut:split", exact=False, splits=True,

@@ -27,7 +27,7 @@ import torch.fx as fx
 import fmecompile.kernels  # noqa: F401  (registers fme:: ops)
 
 from fmecompile.runtime.distributed import even_parts
-from fmecompile.ir import MODULE_STACK, REGION, VALUE, shape as _shape
+from fmecompile.ir import MODULE_STACK, PLAN_REGION, REGION, VALUE, shape as _shape
 from fmecompile.runtime.loop import LENGTH, START, Buffer, ChunkLoop, Chunking, LoopSpec, Moments
 
 from ..liveness import alias_class
@@ -73,7 +73,7 @@ class Emitter:
         with self.graph.inserting_before(self.graph.output_node()):
             node = self.graph.call_function(target, args, kwargs or {})
         if like is not None:
-            for key in ("nn_module_stack", "stack_trace", "source_fn_stack"):
+            for key in ("nn_module_stack", "stack_trace", "source_fn_stack", PLAN_REGION):
                 if key in like.meta:
                     node.meta[key] = like.meta[key]
         self.created.append(node)

@@ -13,8 +13,10 @@ atoms of one dim (once the batch is chunked, spatial and temporal layers would b
 frames as a whole dim and could no longer be told apart); the inner regions are then
 re-derived on the batch loop's body, where they become loops inside it.
 
-Chunk counts come from the config, or from `memory_budget` (budget.py), or default
-to what fixed_count picks from the region's sizes.
+Chunk counts come from the config, or from `memory_budget` (budget.py: the plan with the
+fewest launches that fits; "auto", the default, plans for the free CUDA memory), or,
+without a budget, default to what fixed_count picks from the region's sizes (the finest
+default plan).
 
 The slicer's modules, in the order the data flows: axes.py (atoms and dims), rules.py
 (each op's rule), analysis.py (the axis analysis of a graph), regions.py (growing regions),
@@ -30,7 +32,7 @@ from fmecompile.ir import computing_nodes, copy_with_map, node_count
 
 from ..liveness import predicted_peak
 from ..registry import PassResult
-from .budget import plan_counts
+from .budget import plan_counts, resolve_budget
 from .plan import MIN_SAVING, apply_plan, find_plan, fixed_count, planned_ranks, remap_plan
 from .regions import BATCH, SPATIAL, TEMPORAL
 
@@ -39,6 +41,7 @@ def slice_pass(gm: fx.GraphModule, config: Config) -> PassResult:
     """Returns a new graph (or `gm` itself, unchanged, when no plan helps): `gm` is only
     read, so the manager needs no copy of it to fall back to."""
     nodes_before = len(gm.graph.nodes)
+    config = config.replace(memory_budget=resolve_budget(gm, config))  # "auto": bytes, or None
     plan = find_plan(gm, config)
     ranks = planned_ranks(config, plan)
     if config.memory_budget is not None:
@@ -73,6 +76,9 @@ def slice_pass(gm: fx.GraphModule, config: Config) -> PassResult:
             f"the {len(applied.records)} loops found would not lower the program's predicted "
             f"activation peak ({after} bytes against {plan.peak_before} as captured); the graph "
             f"is left as captured")
+    elif not records and planning is not None:
+        report["reason"] = (f"the program as captured already fits memory_budget={config.memory_budget} "
+                            f"bytes (predicted peak {plan.peak_before}); no loop is needed")
     elif not records:
         report["reason"] = (
             f"no region of ops independent along the batch, frame or pixel axis would lower the "
