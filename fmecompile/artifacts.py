@@ -32,7 +32,7 @@ import re
 import zipfile
 import zlib
 from pathlib import Path
-from typing import Any
+from typing import Any, Hashable
 
 import torch
 import torch.fx as fx
@@ -229,16 +229,21 @@ class LoadedModule(CompiledModule):
         self._compiled_weights = self._weight_kinds()
         self.adopt_program(program, named)
 
-    def _specialize(self, named: dict[str, Any]) -> Program:
+    def _specialize(self, named: dict[str, Any], state: Hashable) -> Program:
         if describe_inputs(named) not in [describe_inputs(inputs) for inputs in self._compiled_inputs]:
             nearest = min(self._compiled_inputs, key=lambda inputs: len(differing_fields(inputs, named)))
             problem = ("these arguments differ from the ones it was compiled for: "
                        + "; ".join(differing_fields(nearest, named)))
             if len(self._compiled_inputs) > 1:
                 problem += f" (from the nearest of its {len(self._compiled_inputs)} input signatures)"
-        else:
+        elif self._weight_kinds() != self._compiled_weights:
             problem = (f"it was compiled for weights of dtype/device {sorted(map(str, self._compiled_weights))}, "
                        f"and the module now has {sorted(map(str, self._weight_kinds()))}")
+        else:
+            # The programs were captured from the model as it was at load; running them on
+            # a changed model (FreeU, a new processor, a swapped submodule) would ignore it.
+            served = next(iter(self._programs))[1]
+            problem = f"the model changed since the artifact was loaded ({self._state.change(served, state)})"
         raise InputError(f"the module loaded from {self.artifact_path} cannot run this call: {problem}. "
                          f"Call it with the inputs it was compiled for, or compile for these inputs "
                          f"(fmecompile.compile or `fme compile`) and save another artifact.")

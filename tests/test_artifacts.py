@@ -86,6 +86,15 @@ def test_loaded_module_keeps_plan_and_refuses_other_inputs(saved):
         assert "timestep" not in str(caught.value) and "encoder_hidden_states" not in str(caught.value)
         with pytest.raises(fme.InputError, match="`sample`: .*got Tensor.*float64"):
             loaded(**{**inputs, "sample": inputs["sample"].double()})
+        # A change to the model after load is refused (its programs were captured from the
+        # model as it was), and undoing it serves the loaded program again.
+        model.conv_in.fme_test_flag = True
+        try:
+            with pytest.raises(fme.InputError, match="the model changed since the artifact was loaded"):
+                loaded(**inputs)
+        finally:
+            del model.conv_in.fme_test_flag
+        assert torch.equal(loaded(**inputs).sample, expected)
 
 
 GRAPH = "programs/0/main.json"  # the main graph of the first program
