@@ -140,6 +140,10 @@ SLOW = {
     "test_rehash.py::test_default_cut_caches_the_last_up_block_and_costs_at_most_the_feature": "pipe.unet one stays",
     "test_optimize.py::test_pipeline_bench_cli_writes_a_table_and_json": "a pipeline bench (test_bench stays)",
     "test_signatures.py::test_a_flipped_byte_anywhere_is_an_artifact_error": "a save per byte range",
+    "test_identity.py::test_drop_in_call_conventions": "several compiles (test_signatures' conventions stay)",
+    "test_artifacts.py::test_loaded_module_keeps_plan_and_refuses_other_inputs": "the fresh-process load stays",
+    "test_progress.py::test_library_is_quiet_by_default_and_set_verbosity_turns_progress_on_and_off":
+        "subprocesses (the CLI's progress test stays)",
     # float32 slice+group per family class: the float64 exactness of every class stays quick
     "test_family.py::test_float32_slice_group_is_within_rounding[[]U*": "float64 per class stays",
     "test_family.py::test_float32_slice_group_is_within_rounding[[]I2VGenXLUNet]": "float64 per class stays",
