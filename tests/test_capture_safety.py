@@ -38,3 +38,9 @@ def test_safe_model_lists_nothing():
     assert _obstacles(Safe()) == []
     compiled = fme.compile(Safe(), args=(torch.randn(2, 3),))
     assert capture_obstacles(compiled.graph_module) == []
+
+
+def test_report_says_unsafe_before_any_gpu_run():
+    compiled = fme.compile(Rng(), args=(torch.randn(2, 3),))
+    status = compiled.report["cuda_graphs"]
+    assert any(s and "unsafe under capture" in s and "random" in s for s in status.values()), status
