@@ -27,7 +27,7 @@ LAYERS = [
                              "fmecompile.signature", "fmecompile.model_state",
                              "fmecompile.kernels.*")),
     ("passes", ("fmecompile.passes.*",)),
-    ("runtime", ("fmecompile.contract", "fmecompile.runtime.cuda_graphs", "fmecompile.rehash", "fmecompile.runtime.program", "fmecompile.compiled",
+    ("runtime", ("fmecompile.contract", "fmecompile.runtime.cuda_graphs", "fmecompile.runtime.capture_safety", "fmecompile.rehash", "fmecompile.runtime.program", "fmecompile.compiled",
                  "fmecompile.backend")),
     ("artifacts", ("fmecompile.graph_file", "fmecompile.artifacts")),
     ("api", ("fmecompile.check", "fmecompile.optimize", "fmecompile")),  # the bare package: the public API

@@ -25,6 +25,7 @@ import torch.fx as fx
 
 from ..config import Config
 from .sharded import call_graph
+from .capture_safety import capture_obstacles
 from ..ir import USER, CACHE, graph_inputs
 from ..messages import first_line
 
@@ -69,6 +70,11 @@ class GraphReplay:
             self.status = "off (Config(cuda_graphs=False))"
         elif config.parallel:
             self.status = f"off (Config(parallel={config.parallel!r}): its collectives run outside CUDA graphs)"
+        else:
+            # Known before any GPU run: such a graph would fail to capture or replay wrongly.
+            unsafe = capture_obstacles(gm)
+            if unsafe:
+                self.status = "off (unsafe under capture: " + "; ".join(unsafe) + ")"
         self._graph = None
         self._recaptures = 0
         self._static: list[Any] = []
