@@ -44,3 +44,16 @@ def test_report_says_unsafe_before_any_gpu_run():
     compiled = fme.compile(Rng(), args=(torch.randn(2, 3),))
     status = compiled.report["cuda_graphs"]
     assert any(s and "unsafe under capture" in s and "random" in s for s in status.values()), status
+
+
+class HostTensor(torch.nn.Module):
+    def forward(self, x):
+        return x + torch.ones(3, device="cpu")
+
+
+def test_a_tensor_made_on_the_cpu_is_unsafe_only_in_a_gpu_program():
+    gm = torch.fx.symbolic_trace(HostTensor())
+    (line,) = capture_obstacles(gm, on_gpu=True)
+    assert "ones" in line and "on the CPU" in line
+    # In a CPU program the CPU is the program's own device (no CUDA graph runs there).
+    assert capture_obstacles(gm, on_gpu=False) == []

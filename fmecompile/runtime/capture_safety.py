@@ -33,7 +33,7 @@ def _on_cpu(node: fx.Node) -> bool:
     return device is not None and torch.device(device).type == "cpu"
 
 
-def _reason(node: fx.Node) -> str | None:
+def _reason(node: fx.Node, on_gpu: bool) -> str | None:
     name = _op_name(node)
     if name in _SYNCS:
         return "synchronizes with the host (reads a value back or has a data-dependent shape)"
@@ -41,21 +41,29 @@ def _reason(node: fx.Node) -> str | None:
         return "draws random numbers without a graph-safe generator (every replay repeats them)"
     if name in _HOST_COPIES:
         return "copies to host memory, outside the graph's pool"
-    if _on_cpu(node):
+    if on_gpu and _on_cpu(node):
         return "creates a tensor on the CPU inside the graph"
     return None
 
 
-def capture_obstacles(gm: fx.GraphModule, prefix: str = "") -> list[str]:
+def _runs_on_gpu(gm: fx.GraphModule) -> bool:
+    """Whether the graph's inputs are on a GPU: in a CPU program, a tensor made on the CPU
+    is the program's own device, not an allocation outside a graph's pool."""
+    values = (node.meta.get("val") for node in gm.graph.nodes if node.op == "placeholder")
+    return any(isinstance(v, torch.Tensor) and v.device.type != "cpu" for v in values)
+
+
+def capture_obstacles(gm: fx.GraphModule, prefix: str = "", on_gpu: bool | None = None) -> list[str]:
     """One line per op that is unsafe under CUDA-graph capture, loop bodies included."""
+    on_gpu = _runs_on_gpu(gm) if on_gpu is None else on_gpu
     found = []
     for node in gm.graph.nodes:
         if node.op == "call_module":
             body = getattr(gm.get_submodule(str(node.target)), "body", None)
             if isinstance(body, fx.GraphModule):
-                found += capture_obstacles(body, f"{prefix}{node.target}/")
+                found += capture_obstacles(body, f"{prefix}{node.target}/", on_gpu)
         elif node.op in ("call_function", "call_method"):
-            reason = _reason(node)
+            reason = _reason(node, on_gpu)
             if reason is not None:
                 found.append(f"{prefix}{node.name} ({_op_name(node)}): {reason}")
     return found
