@@ -227,7 +227,7 @@ def test_dynamo_guards_catch_changes_on_the_backend(name, change):
         assert torch.equal(compiled(x), model(x))
 
 
-def test_a_hook_added_to_a_submodule_is_warned_of_on_the_backend(monkeypatch):
+def test_a_hook_added_to_a_submodule_is_warned_of_on_the_backend():
     """torch.compile does not guard on submodules' hooks (skip_nnmodule_hook_guards, True by
     default): the fme backend warns that hooks were registered since it compiled, and with
     the guards on, dynamo recompiles."""
@@ -240,12 +240,14 @@ def test_a_hook_added_to_a_submodule_is_warned_of_on_the_backend(monkeypatch):
         with pytest.warns(UserWarning, match="skip_nnmodule_hook_guards"):
             compiled(x)
         torch._dynamo.reset()
-        monkeypatch.setattr(torch._dynamo.config, "skip_nnmodule_hook_guards", False)
-        model, x = _small()
-        compiled = torch.compile(model, backend="fme", options={"passes": ()})
-        compiled(x)
-        model.block.register_forward_hook(_double)
-        assert torch.equal(compiled(x), model(x))
+        # dynamo's own patch, not pytest's monkeypatch: after pytest 9.2's undo, torch's config
+        # module hides the entry, and every later compile fails reading it
+        with torch._dynamo.config.patch(skip_nnmodule_hook_guards=False):
+            model, x = _small()
+            compiled = torch.compile(model, backend="fme", options={"passes": ()})
+            compiled(x)
+            model.block.register_forward_hook(_double)
+            assert torch.equal(compiled(x), model(x))
 
 
 # --- calls bound through the real signature -------------------------------------------
