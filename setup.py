@@ -24,7 +24,7 @@ setup(
     # transformers: the pipelines' CLIP encoders (fmecompile.pipelines, fme bench --pipeline).
     # plots: `fme ablate` draws its plot with matplotlib when present (else a stdlib PNG writer).
     extras_require={"pipelines": ["transformers>=4.40"], "plots": ["matplotlib>=3.5"],
-                    "test": ["pytest", "hypothesis", "transformers>=4.40", "matplotlib>=3.5"]},
+                    "test": ["pytest", "pytest-xdist", "hypothesis", "transformers>=4.40", "matplotlib>=3.5"]},
     entry_points={
         "console_scripts": ["fme = fmecompile.cli:main"],
         # torch.compile(model, backend="fme") finds the backend here, in any interpreter,
