@@ -25,7 +25,6 @@ import torch.utils._pytree as pytree
 from fmecompile.passes.manager import check_passes_available
 
 from .capture import Captured, capture_module
-from .compile_cache import cached_program
 from .config import Config
 from .contract import checked_call
 from .errors import ConfigError, FmeError, InputError
@@ -165,8 +164,7 @@ class CompiledModule(torch.nn.Module):
 
     def add_program(self, captured: Captured, named: dict[str, Any]) -> Program:
         """Compiles `captured` with this module's config and keeps it for `named`'s signature."""
-        program = cached_program(captured, self.fme_config, self.module, self.method, self.steps)
-        return self.adopt_program(program, named)
+        return self.adopt_program(Program.compile(captured, self.fme_config, self.module, self.steps), named)
 
     def adopt_program(self, program: Program, named: dict[str, Any]) -> Program:
         """Keeps an already compiled program (one loaded from an artifact, built with this
@@ -193,8 +191,6 @@ class CompiledModule(torch.nn.Module):
     def report(self) -> dict[str, Any]:
         program = self.current_program()
         report = {**program.report, "cuda_graphs": program.cuda_graphs()}
-        if program.cache is not None:  # compiled, stored in or loaded from the compile cache
-            report["cache"] = program.cache
         if program in self._why:  # why it was built, where it was not the first program
             report["recompiled"] = self._why[program]
         if self.steps is not None:

@@ -11,14 +11,6 @@ if not torch.cuda.is_available():
 # A rewrite that fails fmecompile's loop check, or a pass failing inside torch, raises here
 # instead of quietly leaving the graph as captured (passes/manager.py).
 os.environ.setdefault("FME_STRICT", "1")
-# Each test compiles what it tests: the compile cache (on by default for users) is off unless
-# a test names a cache_dir (test_compile_cache.py), and a test never reads the user's cache.
-os.environ.setdefault("FME_CACHE", "0")
-
-# pytest-xdist (README's test line runs `-n auto`): the workers share the cores, so each
-# takes its share of torch's threads instead of all of them.
-if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
 
 import pytest  # noqa: E402
 from hypothesis import settings  # noqa: E402
