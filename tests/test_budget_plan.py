@@ -43,7 +43,7 @@ def assert_exact(compiled, name: str = "svd-tiny") -> None:
     assert output_error(out, model.eager())[0] <= FP32_TOLERANCE
 
 
-@pytest.mark.parametrize("name, share", [("svd-vae-tiny", 0.8), ("svd-tiny", 0.5), ("svd-tiny", 0.3)])
+@pytest.mark.parametrize("name, share", [("svd-vae-tiny", 0.8), ("svd-vae-tiny", 0.6), ("svd-tiny", 0.5)])
 def test_a_budget_is_met_with_fewer_launches_than_the_finest_plan(svd_plans, name, share):
     finest = svd_plans[1] if name == "svd-tiny" else compile_tiny(name, passes=SLICE, memory_budget=None)
     budget = int(share * finest.report["slice"]["predicted_peak_before_bytes"])
@@ -56,10 +56,11 @@ def test_a_budget_is_met_with_fewer_launches_than_the_finest_plan(svd_plans, nam
     assert_exact(compiled, name)
 
 
-def test_the_finest_plans_peak_as_budget_costs_no_more_launches_than_it(svd_plans):
-    _, finest = svd_plans
+def test_the_finest_plans_peak_as_budget_costs_no_more_launches_than_it():
+    # On the VAE decoder: the search is the same, and a UNet's takes minutes on CPU.
+    finest = compile_tiny("svd-vae-tiny", passes=SLICE, memory_budget=None)
     budget = finest.report["slice"]["predicted_peak_bytes"]
-    report = compile_tiny("svd-tiny", passes=SLICE, memory_budget=budget).report
+    report = compile_tiny("svd-vae-tiny", passes=SLICE, memory_budget=budget).report
     assert report["slice"]["predicted_peak_bytes"] <= budget
     assert report["launches"]["compute"] <= finest.report["launches"]["compute"]
     assert total(report) <= total(finest.report)
@@ -82,15 +83,15 @@ def test_auto_with_much_free_memory_gives_no_loops(svd_plans):
     assert report["launches"] == identity.report["launches"]
 
 
-def test_auto_plans_for_the_stated_free_memory_less_the_margin(svd_plans):
-    _, finest = svd_plans
-    wanted = finest.report["slice"]["predicted_peak_before_bytes"] // 2
+def test_auto_plans_for_the_stated_free_memory_less_the_margin():
+    finest = compile_tiny("svd-vae-tiny", passes=SLICE, memory_budget=None)
+    wanted = int(0.7 * finest.report["slice"]["predicted_peak_before_bytes"])
     free = int((wanted + AUTO_MARGIN_BYTES) / (1 - AUTO_MARGIN_FRACTION)) + 1
-    compiled = compile_tiny("svd-tiny", passes=SLICE, memory_budget="auto", free_memory=free)
+    compiled = compile_tiny("svd-vae-tiny", passes=SLICE, memory_budget="auto", free_memory=free)
     report = compiled.report["slice"]
     assert abs(report["memory_budget"] - wanted) <= 2
     assert 0 < report["regions"] and report["predicted_peak_bytes"] <= report["memory_budget"]
-    assert_exact(compiled)
+    assert_exact(compiled, "svd-vae-tiny")
 
 
 def test_auto_on_the_cpu_without_free_memory_is_the_finest_plan(svd_plans):

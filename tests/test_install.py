@@ -42,7 +42,7 @@ def test_ci_runs_the_readme_test_line_then_the_slow_tests():
     assert test_line.endswith('python -m pytest -q -n auto --dist loadfile -m "not slow" tests')
     ci_lines = (root / ".ci/run").read_text().splitlines()
     assert test_line in ci_lines
-    slow_line = "python -m pytest -q -m slow tests || status=$?"
+    slow_line = "python -m pytest -q -n auto --dist load -m slow tests || status=$?"
     assert slow_line in ci_lines and ci_lines.index(slow_line) > ci_lines.index(test_line)
     assert '[ "$status" -ne 5 ]' in ci_lines[ci_lines.index(slow_line) + 1]  # 5: none collected
     demo_line = next(l for l in readme_lines if l.startswith("pip install") and "fme demo" in l)
