@@ -45,6 +45,7 @@ from .errors import ArtifactError, ConfigError, InputError
 from .graph_file import GraphFormatError, dump_graph, load_graph
 from .ir import BUFFER, INPUT_ROLE, PARAMETER, USER, VALUE, GraphInput, placeholders
 from .messages import describe_inputs, first_line
+from .runtime.offload import INSTALLED_ATTRIBUTE
 from .runtime.program import Program
 from .version import __version__
 
@@ -61,10 +62,15 @@ MANIFEST = "manifest.json"
 def save(compiled: CompiledModule, path: str | Path) -> Path:
     """Writes every program `compiled` holds (one per input signature it has compiled or
     loaded) to `path`: optimize a pipeline, generate once, and save its UNet, and the
-    artifact serves every call that pipeline makes."""
+    artifact serves every call that pipeline makes. `compiled` may also be a model
+    fmecompile.optimize installed one program on (`pipe.unet` while optimized)."""
+    installed = vars(compiled).get(INSTALLED_ATTRIBUTE, {}) if isinstance(compiled, torch.nn.Module) else {}
+    if not isinstance(compiled, CompiledModule) and len(installed) == 1:
+        compiled = next(iter(installed.values())).compiled
     if not isinstance(compiled, CompiledModule):
         raise ArtifactError(f"fmecompile.save takes a CompiledModule (from fmecompile.compile or "
-                            f"fmecompile.load), got {type(compiled).__name__}")
+                            f"fmecompile.load) or a model fmecompile.optimize compiled, got "
+                            f"{type(compiled).__name__}")
     programs = compiled.programs()
     if not programs:
         compiled.current_program()  # raises: nothing compiled yet

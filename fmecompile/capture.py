@@ -89,15 +89,20 @@ class _Entry(torch.nn.Module):
     The user's module sits under the attribute `module`, as it does in CompiledModule, so
     the exported parameter paths resolve against both."""
 
-    def __init__(self, module: torch.nn.Module, method: str) -> None:
+    def __init__(self, module: torch.nn.Module, method: str, through_call: bool = True) -> None:
         super().__init__()
         self.module = module
         self.method = method
+        self.through_call = through_call
 
     def forward(self, **kwargs: Any) -> Any:
-        # Through __call__ for forward, so that the module's own forward hooks are captured.
-        method = self.module if self.method == "forward" else getattr(self.module, self.method)
-        return method(**kwargs)
+        return method_to_run(self.module, self.method, self.through_call)(**kwargs)
+
+
+def method_to_run(module: torch.nn.Module, method: str, through_call: bool = True) -> Any:
+    """What capture and eager runs call: for forward `module` itself, through __call__, so
+    that its own forward hooks run (unless `through_call` is False); else the method."""
+    return module if method == "forward" and through_call else getattr(module, method)
 
 
 @dataclass
@@ -112,16 +117,19 @@ class Captured:
     seconds: float
 
 
-def capture_module(module: torch.nn.Module, method: str, kwargs: dict[str, Any]) -> Captured:
+def capture_module(module: torch.nn.Module, method: str, kwargs: dict[str, Any],
+                   through_call: bool = True) -> Captured:
     """Captures `module.<method>(**kwargs)` with torch.export as a canonical graph. Weight
     offloading hooks are not traced: the weights must already be where the call needs them
-    (fmecompile.runtime.offload.call_onloaded puts them there)."""
+    (fmecompile.runtime.offload.call_onloaded puts them there). `through_call=False` captures
+    `forward` without the module's own forward hooks, for a program that runs inside
+    `module(...)`, which runs them (fmecompile/install.py)."""
     start = time.perf_counter()
     log.info("capturing %s.%s with torch.export for %s", type(module).__name__, method,
              describe_inputs(kwargs))
     with hooks_hidden(module):  # offload hooks move weights, which export cannot trace
         program = export_or_explain(module, method, kwargs, lambda: capture_export(
-            _Entry(module, method), kwargs, strip_prefix=ENTRY_PREFIX, name=f"{type(module).__name__}.{method}"))
+            _Entry(module, method, through_call), kwargs, strip_prefix=ENTRY_PREFIX, name=f"{type(module).__name__}.{method}"))
     gm = program.graph_module
     seconds = time.perf_counter() - start
     log.info("captured %d nodes in %.1fs", len(gm.graph.nodes), seconds)

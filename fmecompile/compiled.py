@@ -24,7 +24,7 @@ import torch.utils._pytree as pytree
 
 from fmecompile.passes.manager import check_passes_available
 
-from .capture import Captured, capture_module
+from .capture import Captured, capture_module, method_to_run
 from .config import Config
 from .contract import checked_call
 from .errors import ConfigError, FmeError, InputError
@@ -50,7 +50,8 @@ class CompiledModule(torch.nn.Module):
     working.
     """
 
-    def __init__(self, module: torch.nn.Module, config: Config | None = None, method: str = "forward") -> None:
+    def __init__(self, module: torch.nn.Module, config: Config | None = None, method: str = "forward",
+                 installed: bool = False) -> None:
         super().__init__()
         if not isinstance(module, torch.nn.Module):
             raise FmeError(f"fmecompile compiles torch.nn.Module objects (or their bound methods), "
@@ -63,6 +64,9 @@ class CompiledModule(torch.nn.Module):
         # Not `config`: pipelines read `unet.config` and must get the model's own.
         self.fme_config = config
         self.method = method
+        # Run from inside `module(...)` (fmecompile/install.py), which runs the module's
+        # forward hooks itself: captured and run eagerly without them.
+        self.installed = installed
         self._signature = call_signature(module, method)
         self._programs: dict[Hashable, Program] = {}
         self._current: Program | None = None
@@ -111,9 +115,8 @@ class CompiledModule(torch.nn.Module):
     def _eager(self, bound: dict[str, Any]) -> Any:
         """The module's own code on the call, with its weights where they are now (its
         offload hooks, if any, have already onloaded them)."""
-        with hooks_hidden(self.module):
-            method = self.module if self.method == "forward" else getattr(self.module, self.method)
-            return method(**bound)  # the module's own forward hooks run, as in capture
+        with hooks_hidden(self.module):  # the module's own forward hooks run, as in capture
+            return method_to_run(self.module, self.method, not self.installed)(**bound)
 
     def bind(self, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
         """The call's arguments by name, defaults filled in, as the module would see them."""
@@ -157,7 +160,7 @@ class CompiledModule(torch.nn.Module):
             reasons.append(f"new input signature {describe_inputs(named)}")
             warnings.warn(f"fmecompile: {reasons[-1]}; compiling specialization {len(self._programs) + 1}",
                           stacklevel=3)
-        program = self.add_program(capture_module(self.module, self.method, named), named)
+        program = self.add_program(capture_module(self.module, self.method, named, not self.installed), named)
         if reasons:
             self._why[program] = "; ".join(reasons)
         return program

@@ -44,7 +44,7 @@ from typing import Any, Hashable
 import torch
 import torch.nn.modules.module as torch_module
 
-from .runtime.offload import HOOK_ATTRIBUTES
+from .runtime.offload import HOOK_ATTRIBUTES, INSTALLED_ATTRIBUTE, INSTALLED_MARK
 
 _chain = itertools.chain.from_iterable
 _not_none = functools.partial(operator.is_not, None)
@@ -241,13 +241,20 @@ def _module_entry(module: torch.nn.Module, paths: dict[int, str], watch: _Watch,
     watch.offloaded = watch.offloaded or offloaded
     attributes = tuple((name, _describe(value, paths, watch, _DEPTH)) for name, value in state.items()
                        if name not in _TORCH_CONTAINERS and name not in HOOK_ATTRIBUTES
-                       and not (offloaded and name == "forward"))  # the offload hook's forward
+                       and not (offloaded and name == "forward")  # the offload hook's forward
+                       and not _installed_by_fmecompile(name, value))
     children = tuple((name, None if child is None else paths.get(id(child)))
                      for name, child in module._modules.items())
     return (("type", _Same(type(module))), ("attributes", attributes), ("submodules", children),
             ("parameters", _tensors(module._parameters, tensor_ids, path)),
             ("buffers", _tensors(module._buffers, tensor_ids, path)),
             ("forward hooks", tuple(_hooks(state[k]) for k in _FORWARD_HOOKS)))
+
+
+def _installed_by_fmecompile(name: str, value: Any) -> bool:
+    """fmecompile/install.py's record and compiled methods: they run the programs, and are
+    not what the programs were captured from."""
+    return name == INSTALLED_ATTRIBUTE or getattr(value, INSTALLED_MARK, False) is True
 
 
 def _tensors(store: dict[str, Any], tensor_ids: dict[int, str], path: str) -> tuple:

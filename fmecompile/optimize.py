@@ -11,10 +11,15 @@ which is approximate and only meant for the UNet's denoising steps. Each video's
 decoded in one call (SVD's `decode_chunk_size` is overridden): the compiled decoder slices
 them itself, and SVD's temporal decoder gives a different result on partial chunks.
 
+`pipe.unet` and `pipe.vae` stay the very objects they were, of their own classes: the
+compiled programs are installed on them (fmecompile/install.py), so `isinstance`,
+`pipe.components`, `from_pipe`, `save_pretrained`, `.to()`, FreeU and the LoRA loaders see the
+real model, and a change to it is followed (fmecompile/model_state.py). A pipeline built from
+the same components shares the installed programs.
+
 diffusers' weight offloading composes, switched on before or after optimize: the compiled
-parts run its hooks around each call (fmecompile/runtime/offload.py), and the pipeline's offload
-switches put their hooks on the original UNet. Other hooks on the UNet or VAE, which the
-compiled graphs would skip, are refused here.
+parts run its hooks around each call (fmecompile/runtime/offload.py). Other hooks on the UNet
+or VAE, which the compiled graphs would skip, are refused here.
 """
 from __future__ import annotations
 
@@ -26,10 +31,11 @@ from typing import Any, Callable
 
 import torch
 
-from .runtime import offload
+from . import install
 from .compiled import CompiledModule
 from .config import Config
 from .errors import FmeError
+from .runtime import offload
 
 log = logging.getLogger("fmecompile")
 
@@ -59,12 +65,11 @@ class OptimizeSummary:
 
 @dataclass
 class _Replaced:
-    """The originals `restore` puts back."""
+    """What `restore` takes off again."""
 
-    unet: torch.nn.Module | None = None
-    vae: torch.nn.Module | None = None
+    unet: torch.nn.Module | None = None  # its forward runs the compiled UNet
+    vae: torch.nn.Module | None = None  # its decode runs the compiled decoder
     decode_latents: bool = False
-    with_originals: tuple[str, ...] = ()  # pipeline methods wrapped by _run_with_originals
 
 
 def optimize(pipe: Any, config: Config | None = None) -> OptimizeSummary:
@@ -95,37 +100,33 @@ def optimize(pipe: Any, config: Config | None = None) -> OptimizeSummary:
                        f"kwargs=example_inputs) or fmecompile.CompiledModule(module).")
 
     if compiled_unet is not None:
-        _set_unet(pipe, compiled_unet)
+        summary.modules["unet"] = install.install(unet, compiled_unet).compiled
         replaced.unet = unet
-        summary.modules["unet"] = compiled_unet
     if compiled_decode is not None:
-        vae.__dict__["decode"] = _CompiledDecode(vae, compiled_decode)
+        summary.modules["vae.decode"] = install.install(vae, compiled_decode).compiled
         replaced.vae = vae
-        summary.modules["vae.decode"] = compiled_decode
         replaced.decode_latents = _decode_whole_videos(pipe, summary)
     _note_other_components(pipe, summary)
     _note_offloading(summary)
-    replaced.with_originals = _run_with_originals(pipe, replaced)
     object.__setattr__(pipe, STATE_ATTRIBUTE, replaced)
     log.info("fmecompile.optimize(%s):\n%s", type(pipe).__name__, summary)
     return summary
 
 
 def restore(pipe: Any) -> None:
-    """Undoes `optimize(pipe)`: the original UNet, the VAE's own decode and the pipeline's
-    own decode_latents are back, the very same objects."""
+    """Undoes `optimize(pipe)`: the UNet's own forward, the VAE's own decode and the
+    pipeline's own decode_latents are back (the compiled ones stay while another optimized
+    pipeline shares the module)."""
     replaced = getattr(pipe, STATE_ATTRIBUTE, None)
     if replaced is None:
         raise FmeError(f"this {type(pipe).__name__} was not optimized by fmecompile.optimize; "
                        f"nothing to restore")
     if replaced.unet is not None:
-        setattr(pipe, "unet", replaced.unet)
+        install.uninstall(replaced.unet, "forward")
     if replaced.vae is not None:
-        del replaced.vae.__dict__["decode"]
+        install.uninstall(replaced.vae, "decode")
     if replaced.decode_latents:
         del pipe.__dict__["decode_latents"]
-    for name in replaced.with_originals:
-        del pipe.__dict__[name]
     object.__delattr__(pipe, STATE_ATTRIBUTE)
 
 
@@ -152,26 +153,14 @@ def _compile_part(name: str, part: Any, config: Config, method: str,
     if hasattr(part, "_orig_mod"):
         summary.left[name] = "it is already wrapped by torch.compile; optimize the uncompiled module"
         return None
-    return CompiledModule(part, config, method)
-
-
-class _CompiledDecode:
-    """Installed as the VAE instance's `decode`, so that the pipeline's `self.vae.decode(...)`
-    runs the compiled decoder while `pipe.vae` stays the VAE (its `encode`, `config`, `.to()`
-    are untouched). While the compiled module runs it is uninstalled: capturing a new input
-    signature calls `vae.decode`, which must then be the model's own method, not this one."""
-
-    def __init__(self, vae: torch.nn.Module, compiled: CompiledModule) -> None:
-        self.vae = vae
-        self.compiled = compiled
-        functools.update_wrapper(self, getattr(type(vae), "decode").__get__(vae))  # its signature
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        del self.vae.__dict__["decode"]
-        try:
-            return self.compiled(*args, **kwargs)
-        finally:
-            self.vae.__dict__["decode"] = self
+    shared = install.installed(part, method)
+    if shared is not None:  # another optimized pipeline has this very module
+        if shared.compiled.fme_config != config:
+            raise FmeError(f"this {type(part).__name__} ({name}) is already optimized, with another "
+                           f"config, by a pipeline that shares it; call fmecompile.restore on that "
+                           f"pipeline first, or optimize this one with the same config")
+        return shared.compiled
+    return CompiledModule(part, config, method, installed=True)
 
 
 def _svd_frames_per_decode(arguments: dict[str, Any]) -> int:
@@ -245,53 +234,6 @@ _ENCODE_USE = {
     "StableVideoDiffusionPipeline": "runs once per generation, on the conditioning image; left eager",
     "AnimateDiffPipeline": "not called when generating from text; left eager",
 }
-
-
-# Pipeline methods that read or change the components themselves: they run with the original
-# UNet in place. save_pretrained: diffusers skips a component whose class it cannot save, and
-# the folder would lack unet/. The offload switches: their hooks go on the original UNet, where
-# the compiled one runs them (fmecompile/runtime/offload.py), and not on the CompiledModule, which
-# accelerate would mistake for the model (its attributes are the UNet's).
-_WITH_ORIGINALS = ("save_pretrained", "enable_model_cpu_offload", "enable_sequential_cpu_offload",
-                   "enable_group_offload", "maybe_free_model_hooks", "remove_all_hooks", "reset_device_map")
-
-
-def _run_with_originals(pipe: Any, replaced: _Replaced) -> tuple[str, ...]:
-    """Makes those methods of the pipeline run with the original UNet in place; the compiled
-    UNet is back afterwards. Returns the names installed."""
-    if replaced.unet is None:
-        return ()
-    installed = []
-    for name in _WITH_ORIGINALS:
-        original = getattr(pipe, name, None)
-        if callable(original):
-            pipe.__dict__[name] = _with_original_unet(pipe, replaced.unet, original)
-            installed.append(name)
-    return tuple(installed)
-
-
-def _with_original_unet(pipe: Any, unet: torch.nn.Module, method: Callable[..., Any]) -> Callable[..., Any]:
-    @functools.wraps(method)
-    def run(*args: Any, **kwargs: Any) -> Any:
-        compiled = pipe.unet
-        if compiled is unet:  # called from another of them (maybe_free_model_hooks does)
-            return method(*args, **kwargs)
-        _set_unet(pipe, unet)
-        try:
-            return method(*args, **kwargs)
-        finally:
-            _set_unet(pipe, compiled)
-
-    return run
-
-
-def _set_unet(pipe: Any, unet: torch.nn.Module) -> None:
-    if isinstance(pipe, torch.nn.Module):
-        setattr(pipe, "unet", unet)  # a submodule: nn.Module keeps it in _modules
-    else:
-        # Not setattr: a diffusers pipeline would record the CompiledModule's class as the
-        # unet's in its config (model_index.json), which no loader can read back.
-        object.__setattr__(pipe, "unet", unet)
 
 
 # --- offloading ------------------------------------------------------------------------

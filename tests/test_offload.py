@@ -67,6 +67,17 @@ def group_events(monkeypatch) -> list[tuple[str, ModuleGroup]]:
     return events
 
 
+@pytest.fixture
+def send_to_device(monkeypatch) -> None:
+    """accelerate's send_to_device where accelerate is not installed: diffusers' group
+    offloading hook on a model calls it to move the inputs (stock diffusers needs it too)."""
+    from diffusers.hooks import group_offloading
+    if not hasattr(group_offloading, "send_to_device"):
+        move = lambda value, device, non_blocking=False: torch.utils._pytree.tree_map_only(  # noqa: E731
+            torch.Tensor, lambda t: t.to(device, non_blocking=non_blocking), value)
+        monkeypatch.setattr(group_offloading, "send_to_device", move, raising=False)
+
+
 def last_event(events, groups) -> set[str]:
     last = {id(group): name for name, group in events}
     return {last.get(id(group), "never") for group in groups}
@@ -157,17 +168,18 @@ def test_sequential_cpu_offload_runs_compiled_with_weights_on_meta_between_calls
     assert {p.device.type for p in vae.parameters()} == {"meta"}
 
 
-def test_group_offload_switched_on_after_optimize_gives_stock_frames_and_survives_restore(group_events):
+def test_group_offload_switched_on_after_optimize_gives_stock_frames_and_survives_restore(group_events,
+                                                                                         send_to_device):
     pipe = pipelines.build_pipeline("svd", tiny=True)
     unet = pipe.unet
     stock = generate(pipe)
     fme.optimize(pipe, IDENTITY)
-    # The UNet only: diffusers' own hooks, run eagerly on the other components, need
-    # accelerate (its send_to_device); the compiled UNet's do not.
+    # Added after optimize, the UNet's own group hook runs around the compiled call (which
+    # onloads every group itself); the other components run eagerly under their hooks.
     pipe.enable_group_offload(onload_device="cpu", offload_device="cpu", offload_type="block_level",
-                              num_blocks_per_group=1, exclude_modules=["image_encoder", "vae"])
-    # The hooks go on the model, not on the CompiledModule that stands in for it.
-    assert "_diffusers_hook" in vars(unet) and "_diffusers_hook" not in vars(pipe.unet)
+                              num_blocks_per_group=1)
+    # pipe.unet is the model itself: group offloading's hook joins fmecompile's in its registry.
+    assert pipe.unet is unet and unet._diffusers_hook.get_hook("group_offloading") is not None
     wrappers = hook_wrappers(unet)
     assert torch.equal(generate(pipe), stock)
     groups = offload.find_offloading(unet).groups
@@ -175,6 +187,8 @@ def test_group_offload_switched_on_after_optimize_gives_stock_frames_and_survive
     fme.restore(pipe)
     assert pipe.unet is unet and same_wrappers(unet, wrappers)
     assert unet._diffusers_hook.get_hook("group_offloading") is not None
+    assert unet._diffusers_hook.get_hook("fmecompile") is None
+    assert torch.equal(generate(pipe), stock)  # group offloading alone, as stock
 
 
 def test_model_cpu_offload_before_optimize_gives_stock_frames_and_survives_restore(monkeypatch):
@@ -193,7 +207,7 @@ def test_model_cpu_offload_before_optimize_gives_stock_frames_and_survives_resto
     assert torch.equal(generate(pipe), stock)
     assert onloaded.count(type(unet).__name__) == 2  # one per step: the hook ran around each compiled call
     # The pipeline re-armed its hooks at the end (maybe_free_model_hooks) on the model itself.
-    assert type(unet._hf_hook).__name__ == "CpuOffload" and "_hf_hook" not in vars(pipe.unet)
+    assert type(unet._hf_hook).__name__ == "CpuOffload" and pipe.unet is unet
     fme.restore(pipe)
     assert pipe.unet is unet and type(unet._hf_hook).__name__ == "CpuOffload"
     assert torch.equal(generate(pipe), stock)

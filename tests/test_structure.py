@@ -30,7 +30,7 @@ LAYERS = [
     ("runtime", ("fmecompile.contract", "fmecompile.runtime.cuda_graphs", "fmecompile.runtime.capture_safety", "fmecompile.rehash", "fmecompile.runtime.program", "fmecompile.compiled",
                  "fmecompile.backend")),
     ("artifacts", ("fmecompile.graph_file", "fmecompile.artifacts")),
-    ("api", ("fmecompile.check", "fmecompile.optimize", "fmecompile")),  # the bare package: the public API
+    ("api", ("fmecompile.check", "fmecompile.install", "fmecompile.optimize", "fmecompile")),  # the bare package: the public API
     ("tooling", ("fmecompile.tools.*",)),
     ("cli", ("fmecompile.cli",)),
 ]

@@ -33,6 +33,12 @@ from ..errors import FmeError
 _ACCELERATE_HOOKS = ("CpuOffload", "AlignDevicesHook")
 # The hooks group offloading registers in a diffusers HookRegistry, by registry name.
 _GROUP_HOOKS = ("group_offloading", "layer_execution_tracker", "lazy_prefetch_group_offloading")
+# fmecompile's own hook (fmecompile/install.py): it runs the compiled program, which runs the
+# others around each call; and the mark of the compiled methods it sets on an instance.
+COMPILED_HOOK = "fmecompile"
+INSTALLED_MARK = "__fme_installed__"
+INSTALLED_ATTRIBUTE = "_fme_installed"  # on the module: what install put there
+_KNOWN_REGISTRY_HOOKS = _GROUP_HOOKS + (COMPILED_HOOK,)
 # The attributes these hooks set on a module (accelerate's add_hook_to_module, diffusers'
 # HookRegistry; both also replace `forward` in the instance): not model state (model_state.py).
 HOOK_ATTRIBUTES = ("_hf_hook", "_old_forward", "_diffusers_hook")
@@ -122,7 +128,7 @@ def find_offloading(module: torch.nn.Module) -> Offloading | None:
         registry = vars(sub).get("_diffusers_hook")
         if registry is not None:
             names = list(getattr(registry, "hooks", {}))
-            found.unknown += [(f"diffusers {name}", where) for name in names if name not in _GROUP_HOOKS]
+            found.unknown += [(f"diffusers {name}", where) for name in names if name not in _KNOWN_REGISTRY_HOOKS]
             group = getattr(registry.get_hook("group_offloading"), "group", None)
             if group is not None and all(group is not g for g in found.groups):
                 found.groups.append(group)
@@ -157,13 +163,17 @@ def call_onloaded(module: torch.nn.Module, fn: Callable[[dict[str, Any]], Any], 
 
 @contextlib.contextmanager
 def hooks_hidden(module: torch.nn.Module) -> Iterator[None]:
-    """Within it, the weight offloading hooks of `module`'s tree do not run: calling the
-    module (or `decode`) runs the model's own code, with the weights where they are."""
+    """Within it, the weight offloading hooks of `module`'s tree do not run, nor the compiled
+    methods fmecompile installed on it: calling the module (or `decode`) runs the model's own
+    code, with the weights where they are."""
     hidden = []
     for sub in module.modules():
         state = vars(sub)
+        names = [k for k, v in state.items() if getattr(v, INSTALLED_MARK, False) is True]
         if ("_hf_hook" in state or "_diffusers_hook" in state) and _own_hooks_known(sub):
-            hidden.append((state, {k: state.pop(k) for k in ("forward", "_hf_hook") if k in state}))
+            names += [k for k in ("forward", "_hf_hook") if k in state]
+        if names:
+            hidden.append((state, {k: state.pop(k) for k in names}))
     try:
         yield
     finally:
@@ -176,7 +186,7 @@ def _own_hooks_known(module: torch.nn.Module) -> bool:
     hook = vars(module).get("_hf_hook")
     registry = vars(module).get("_diffusers_hook")
     accelerate_known = hook is None or all(type(h).__name__ in _ACCELERATE_HOOKS for h in _chained(hook))
-    return accelerate_known and all(name in _GROUP_HOOKS for name in getattr(registry, "hooks", {}))
+    return accelerate_known and all(name in _KNOWN_REGISTRY_HOOKS for name in getattr(registry, "hooks", {}))
 
 
 def _first_and_count(paths: list[str]) -> str:
