@@ -1,5 +1,5 @@
 """`optimize(pipe)`: one line that compiles a pipeline's denoising UNet and VAE decoder, and
-`restore(pipe)`, which puts the original modules back.
+`restore(pipe)`, which takes the compiled programs off the models again.
 
     import fmecompile as fme
     summary = fme.optimize(pipe)        # pipe(...) now runs the compiled UNet and decoder

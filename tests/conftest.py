@@ -146,7 +146,6 @@ SLOW = {
     "test_progress.py::test_library_is_quiet_by_default_and_set_verbosity_turns_progress_on_and_off":
         "subprocesses (the CLI's progress test stays)",
     # planner variants on the svd-tiny UNet: a budget on the VAE, auto @ 80 GiB and the launch counts stay quick
-    "test_budget_plan.py::test_a_budget_is_met_with_fewer_launches_than_the_finest_plan[[]svd-tiny-*": "the VAE's stays",
     "test_budget_plan.py::test_a_budget_is_met_with_fewer_launches_than_the_finest_plan[[]svd-vae-tiny-0.6]": "0.8 stays",
     "test_budget_plan.py::test_the_finest_plans_peak_as_budget_costs_no_more_launches_than_it": "a third plan",
     "test_budget_plan.py::test_a_budget_above_the_identity_peak_gives_no_loops": "auto @ 80 GiB stays quick",

@@ -43,9 +43,11 @@ def assert_exact(compiled, name: str = "svd-tiny") -> None:
     assert output_error(out, model.eager())[0] <= FP32_TOLERANCE
 
 
-@pytest.mark.parametrize("name, share", [("svd-vae-tiny", 0.8), ("svd-vae-tiny", 0.6), ("svd-tiny", 0.5)])
-def test_a_budget_is_met_with_fewer_launches_than_the_finest_plan(svd_plans, name, share):
-    finest = svd_plans[1] if name == "svd-tiny" else compile_tiny(name, passes=SLICE, memory_budget=None)
+# On the VAE decoder: the search is the same, and a UNet's takes minutes on CPU (test_slice's
+# memory budget test plans a UNet).
+@pytest.mark.parametrize("name, share", [("svd-vae-tiny", 0.8), ("svd-vae-tiny", 0.6)])
+def test_a_budget_is_met_with_fewer_launches_than_the_finest_plan(name, share):
+    finest = compile_tiny(name, passes=SLICE, memory_budget=None)
     budget = int(share * finest.report["slice"]["predicted_peak_before_bytes"])
     compiled = compile_tiny(name, passes=SLICE, memory_budget=budget)
     report = compiled.report
