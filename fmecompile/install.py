@@ -45,12 +45,9 @@ class Installed:
     wrapper: Any = None  # the module's `forward` right after install (registry path)
 
 
-# Installed programs per module, per method, on the module itself (it goes where the module goes).
-_ATTRIBUTE = INSTALLED_ATTRIBUTE
-
-
 def installed(module: torch.nn.Module, method: str) -> Installed | None:
-    return vars(module).get(_ATTRIBUTE, {}).get(method)
+    # Kept on the module itself, per method: the record goes where the module goes.
+    return vars(module).get(INSTALLED_ATTRIBUTE, {}).get(method)
 
 
 def install(module: torch.nn.Module, compiled: CompiledModule) -> Installed:
@@ -69,7 +66,7 @@ def install(module: torch.nn.Module, compiled: CompiledModule) -> Installed:
         record.wrapper = vars(module)["forward"]
     else:
         vars(module)[method] = _CompiledMethod(module, compiled)
-    vars(module).setdefault(_ATTRIBUTE, {})[method] = record
+    vars(module).setdefault(INSTALLED_ATTRIBUTE, {})[method] = record
     return record
 
 
@@ -87,9 +84,9 @@ def uninstall(module: torch.nn.Module, method: str) -> None:
         del state[method]
     else:
         _remove_hook(module, record)
-    del state[_ATTRIBUTE][method]
-    if not state[_ATTRIBUTE]:
-        del state[_ATTRIBUTE]
+    del state[INSTALLED_ATTRIBUTE][method]
+    if not state[INSTALLED_ATTRIBUTE]:
+        del state[INSTALLED_ATTRIBUTE]
 
 
 def _remove_hook(module: torch.nn.Module, record: Installed) -> None:
