@@ -80,7 +80,7 @@ def measure(name: str, dtype: torch.dtype, folder: Path) -> list[dict]:
     for label, (passes, budget) in VARIANTS.items():
         if budget is not None and name not in BUDGET_MODELS:
             continue
-        config = fme.Config(passes=passes, memory_budget=None)
+        config = fme.Config(passes=passes, memory_budget=None, cache_dir=None)  # compile s: the passes
         if budget == "auto":
             config = config.replace(memory_budget="auto", free_memory=AUTO_FREE)
         elif budget is not None:

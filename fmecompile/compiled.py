@@ -25,6 +25,7 @@ import torch.utils._pytree as pytree
 from fmecompile.passes.manager import check_passes_available
 
 from .capture import Captured, capture_module, method_to_run
+from .compile_cache import cached_program
 from .config import Config
 from .contract import checked_call
 from .errors import ConfigError, FmeError, InputError
@@ -167,7 +168,8 @@ class CompiledModule(torch.nn.Module):
 
     def add_program(self, captured: Captured, named: dict[str, Any]) -> Program:
         """Compiles `captured` with this module's config and keeps it for `named`'s signature."""
-        return self.adopt_program(Program.compile(captured, self.fme_config, self.module, self.steps), named)
+        program = cached_program(captured, self.fme_config, self.module, self.method, self.steps)
+        return self.adopt_program(program, named)
 
     def adopt_program(self, program: Program, named: dict[str, Any]) -> Program:
         """Keeps an already compiled program (one loaded from an artifact, built with this
@@ -194,6 +196,8 @@ class CompiledModule(torch.nn.Module):
     def report(self) -> dict[str, Any]:
         program = self.current_program()
         report = {**program.report, "cuda_graphs": program.cuda_graphs()}
+        if program.cache is not None:  # compiled, stored in or loaded from the compile cache
+            report["cache"] = program.cache
         if program in self._why:  # why it was built, where it was not the first program
             report["recompiled"] = self._why[program]
         if self.steps is not None:

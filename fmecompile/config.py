@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 import re
 from dataclasses import dataclass, fields
 from typing import Any, Mapping
@@ -14,7 +15,7 @@ from fmecompile.passes.registry import EXACT_PASSES, PASS_ORDER, spec_of
 from .runtime.distributed import PARALLEL_KINDS
 from .errors import ConfigError
 
-AUTO = "auto"  # memory_budget planned from the device's free memory
+AUTO = "auto"  # memory_budget: planned from the free memory; cache_dir: the default place
 # Passes run in PASS_ORDER whatever order the user lists them (see passes/registry.py).
 REHASH_FIELDS = spec_of("rehash").options
 
@@ -56,6 +57,10 @@ class Config:
     cuda_graphs: on CUDA inputs, capture each compiled graph once as a CUDA graph and
         replay it (fmecompile/runtime/cuda_graphs.py); where capture is impossible the graph runs
         without one and the report says why. False: never capture.
+    cache_dir: where compiled programs are kept on disk and found again by what they were
+        compiled from (fmecompile/compile_cache.py): a path; "auto" (the default): the
+        FME_CACHE_DIR environment variable, else the user's cache directory
+        (~/.cache/fmecompile, or under XDG_CACHE_HOME), off where FME_CACHE=0; None: off.
     parallel: share the slicer's loops across the processes of torch.distributed's default
         group (fmecompile/runtime/distributed.py): "guidance" (the batch loop) and/or "sequence"
         (frame and pixel loops, with the tensors between them kept split across the ranks:
@@ -78,6 +83,7 @@ class Config:
     check: bool = False
     cuda_graphs: bool = True
     parallel: tuple[str, ...] = ()
+    cache_dir: str | None = AUTO
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "passes", _normalize_passes(self.passes))
@@ -92,6 +98,10 @@ class Config:
             object.__setattr__(self, "schedule", _normalize_schedule(self.schedule))
         self._check_rehash_fields()
         object.__setattr__(self, "parallel", _normalize_names("parallel", self.parallel, PARALLEL_KINDS))
+        if self.cache_dir is not None:
+            if not isinstance(self.cache_dir, (str, os.PathLike)) or not str(self.cache_dir):
+                raise ConfigError(f"cache_dir must be a directory path, \"auto\" or None, got {self.cache_dir!r}")
+            object.__setattr__(self, "cache_dir", str(self.cache_dir))
         if self.group_patterns is not None:
             object.__setattr__(self, "group_patterns", _normalize_names(
                 "group_patterns", self.group_patterns, GROUP_PATTERNS))

@@ -11,6 +11,9 @@ if not torch.cuda.is_available():
 # A rewrite that fails fmecompile's loop check, or a pass failing inside torch, raises here
 # instead of quietly leaving the graph as captured (passes/manager.py).
 os.environ.setdefault("FME_STRICT", "1")
+# Each test compiles what it tests: the compile cache (on by default for users) is off unless
+# a test names a cache_dir (test_compile_cache.py), and a test never reads the user's cache.
+os.environ.setdefault("FME_CACHE", "0")
 
 import pytest  # noqa: E402
 from hypothesis import settings  # noqa: E402
@@ -45,6 +48,17 @@ def tiny_model(name: str) -> TinyModel:
     if name not in _CACHE:
         _CACHE[name] = TinyModel(name)
     return _CACHE[name]
+
+
+@pytest.fixture(autouse=True)
+def default_verbosity():
+    """`fme` commands run in-process (cli.main) give fmecompile's logger a handler of its own
+    and stop it propagating, as a process should; the next test's caplog would then see no
+    record. Each test starts from the library's default."""
+    yield
+    import fmecompile
+
+    fmecompile.set_verbosity(None)
 
 
 @pytest.fixture(params=TINY_MODELS)

@@ -67,6 +67,7 @@ class Program:
         self.in_spec = in_spec
         self.out_spec = out_spec
         self.compile_seconds = compile_seconds
+        self.cache: dict[str, str] | None = None  # the compile cache's word on it (compile_cache.py)
         # Each graph through a CUDA graph where it can be captured (at its first call); a
         # parallel run's collectives stay outside graphs.
         check_available(config.parallel)

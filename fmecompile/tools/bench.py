@@ -114,7 +114,8 @@ def compare(case: Case, variants: Sequence[Variant], repeats: int = 3, warmup: i
             fn: Callable[[], Any] = lambda: target(**inputs)
             compile_s, report = None, {}
         else:
-            compiled = CompiledModule(module, variant.config, method)
+            # compile seconds measure the passes: never a compile-cache hit
+            compiled = CompiledModule(module, variant.config.replace(cache_dir=None), method)
             named = compiled.bind((), inputs)
             if captured is None:  # one capture serves every config
                 captured = capture_module(module, method, named)

@@ -67,7 +67,7 @@ def compare_pipelines(case: PipelineCase, config: Config, repeats: int = 1) -> d
         return pipe(**arguments).frames
 
     stock = _measure("stock pipeline", generate, case, repeats, None)
-    summary = optimize(pipe, config)
+    summary = optimize(pipe, config.replace(cache_dir=None))  # the first call compiles: no cache hit
     try:
         optimized = _measure(f"fme.optimize passes={','.join(config.passes) or 'none'}", generate, case,
                              repeats, summary)
