@@ -23,8 +23,11 @@ setup(
     install_requires=["torch>=2.11", "diffusers>=0.30", "triton", "nvidia-ml-py"],
     # transformers: the pipelines' CLIP encoders (fmecompile.pipelines, fme bench --pipeline).
     # plots: `fme ablate` draws its plot with matplotlib when present (else a stdlib PNG writer).
+    # test: peft and accelerate so that the LoRA loaders and accelerate's offload hooks are
+    # tested with an optimized pipeline (those tests skip without them).
     extras_require={"pipelines": ["transformers>=4.40"], "plots": ["matplotlib>=3.5"],
-                    "test": ["pytest", "pytest-xdist", "hypothesis", "transformers>=4.40", "matplotlib>=3.5"]},
+                    "test": ["pytest", "pytest-xdist", "hypothesis", "transformers>=4.40", "matplotlib>=3.5",
+                             "peft", "accelerate"]},
     entry_points={
         "console_scripts": ["fme = fmecompile.cli:main"],
         # torch.compile(model, backend="fme") finds the backend here, in any interpreter,

@@ -14,6 +14,14 @@ os.environ.setdefault("FME_STRICT", "1")
 # Each test compiles what it tests: the compile cache (on by default for users) is off unless
 # a test names a cache_dir (test_compile_cache.py), and a test never reads the user's cache.
 os.environ.setdefault("FME_CACHE", "0")
+# Under xdist each worker would take a thread per core: the workers' threads then outnumber
+# the cores and spin against each other. Each worker takes its share (and so do the
+# processes the tests start, through OMP_NUM_THREADS).
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    _cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    _share = max(1, _cores // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    os.environ["OMP_NUM_THREADS"] = str(_share)
+    torch.set_num_threads(_share)
 
 import pytest  # noqa: E402
 from hypothesis import settings  # noqa: E402

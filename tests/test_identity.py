@@ -26,8 +26,10 @@ def test_aot_identity_is_bit_exact(any_tiny):
     assert type(out) is type(ref)
     for got, want in zip(_leaves(out), _leaves(ref), strict=True):
         assert torch.equal(got, want)
-    # No pass ran: the report holds only what every program reports (launches, CUDA graphs).
-    assert compiled.report.keys() == {"cuda_graphs", "launches"}
+    # No pass ran: the report holds only what every program reports (launches, CUDA graphs,
+    # the compile cache: off in the tests, conftest.py).
+    assert compiled.report.keys() == {"cuda_graphs", "launches", "cache"}
+    assert compiled.report["cache"]["status"] == "off"
     assert compiled.report["cuda_graphs"] == {"main": "inputs on cpu (CUDA graphs need CUDA)"}
     assert compiled.report["launches"]["fused"] == compiled.report["launches"]["copies"] == 0
 

@@ -5,18 +5,59 @@ import shutil
 import subprocess
 import sys
 from importlib.metadata import entry_points
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_subpackages_live_under_fmecompile(tmp_path):
-    script = ("import importlib.util, fmecompile.passes, fmecompile.kernels;"
+    # A `kernels` found here is another distribution's (transformers >= 5 installs Hugging
+    # Face's), never this checkout's folder.
+    script = ("import importlib.util, os, fmecompile.passes, fmecompile.kernels;"
               "assert importlib.util.find_spec('passes') is None;"
-              "assert importlib.util.find_spec('kernels') is None;"
+              "spec = importlib.util.find_spec('kernels');"
+              f"assert spec is None or not spec.origin.startswith({str(ROOT)!r} + os.sep), spec;"
               "print(fmecompile.passes.__name__, fmecompile.kernels.__name__)")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.split() == ["fmecompile.passes", "fmecompile.kernels"]
+
+
+def _run_in_checkout(script: str, tmp_path) -> subprocess.CompletedProcess:
+    """`script` run as `python -c` from the repository root, where the checkout's own folders
+    (kernels/, passes/) are importable by their top-level names."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    return subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_the_checkouts_kernels_folder_does_not_shadow_a_kernels_distribution(tmp_path):
+    # transformers >= 5 imports Hugging Face's `kernels`; run from the checkout (python -m
+    # pytest does that) the kernels/ folder came first and every diffusers model import failed.
+    other = tmp_path / "site" / "kernels"
+    other.mkdir(parents=True)
+    (other / "__init__.py").write_text("DISTRIBUTION = 'the other one'\n")
+    result = _run_in_checkout(
+        f"import sys; sys.path.append({str(tmp_path / 'site')!r}); sys.path[1:-1] = [];"  # checkout, then it
+        "import kernels; print(kernels.DISTRIBUTION, sys.modules['kernels'] is kernels)", tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == ["the", "other", "one", "True"]
+    # Where no other distribution is installed, it is missing as such (what import probes expect),
+    # and fmecompile.kernels still registers its ops.
+    result = _run_in_checkout("\n".join([
+        "import sys, torch",
+        "saved, sys.path[:] = list(sys.path), ['']",
+        "try:",
+        "    import kernels",
+        "except ModuleNotFoundError as err:",
+        "    print('missing', err.name)",
+        "sys.path[:] = saved",
+        "import fmecompile.kernels",
+        "print(torch.ops.fme.residual_add.default)"]), tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == ["missing", "kernels", "fme.residual_add.default"]
 
 
 def test_console_script_and_backend_entry_points():
