@@ -285,6 +285,8 @@ def _describe(value: Any, paths: dict[int, str], watch: _Watch, depth: int) -> H
         return "module", paths.get(id(value), _Same(value))
     if isinstance(value, _OPAQUE) or depth == 0:
         return _Same(value)
+    if isinstance(value, dict) and isinstance(getattr(value, "__dict__", None), dict):
+        return _describe_config(value, paths, watch, depth)
     if isinstance(value, dict):
         watch.dicts.append(value)
         return type(value), tuple((_describe(k, paths, watch, 0), _describe(v, paths, watch, depth - 1))
@@ -299,6 +301,22 @@ def _describe(value: Any, paths: dict[int, str], watch: _Watch, depth: int) -> H
         watch.dicts.append(state)
         return _Same(type(value)), tuple((k, _describe(v, paths, watch, depth - 1)) for k, v in state.items())
     return _Same(value)
+
+
+def _describe_config(config: dict, paths: dict[int, str], watch: _Watch, depth: int) -> Hashable:
+    """A dict that also has attributes: diffusers' model config (ConfigMixin's
+    `_internal_dict`, a FrozenDict whose entries are mirrored as its attributes). Code reads
+    the attributes (`self.config.x`), and `config.x = ...` changes one alone (diffusers does,
+    e.g. loading an IP adapter), so both are state. Names starting with "_" are the config's
+    metadata (`_class_name`, `_diffusers_version`, `_name_or_path`, which save_pretrained and
+    from_pretrained write into it), not model parameters: not state."""
+    attributes = vars(config)
+    watch.dicts += [config, attributes]
+
+    def public(items: Any) -> tuple:
+        return tuple((k, _describe(v, paths, watch, depth - 1)) for k, v in items
+                     if not (isinstance(k, str) and k.startswith("_")))
+    return type(config), public(config.items()), public(attributes.items())
 
 
 def _parts_changed(before: tuple | None, after: tuple | None) -> list[str]:

@@ -6,10 +6,11 @@ seeded random weights and nothing downloaded, and the call arguments that drive 
 
 "svd": StableVideoDiffusionPipeline (spatio-temporal UNet, temporal VAE decoder, CLIP image
 encoder, Euler scheduler). "animatediff": AnimateDiffPipeline (motion UNet, SD 1.5 VAE and
-text encoder, PNDM scheduler). There are no tokenizer files, so the AnimateDiff pipeline has
-no tokenizer and is called with `prompt_embeds`/`negative_prompt_embeds` made by its own text
-encoder from seeded token ids. `tiny=True` narrows every component (the UNets as zoo's
-"-tiny" models) so that a short generation runs on CPU in seconds.
+text encoder, PNDM scheduler). There are no tokenizer files, so the AnimateDiff pipeline's
+tokenizer is built here (`byte_tokenizer`: CLIP's tokenizer over bytes, no merges): it takes
+a text prompt, and `call_arguments` gives it `prompt_embeds`/`negative_prompt_embeds` made by
+its own text encoder from seeded token ids. `tiny=True` narrows every component (the UNets as
+zoo's "-tiny" models) so that a short generation runs on CPU in seconds.
 """
 from __future__ import annotations
 
@@ -190,8 +191,25 @@ def _build_animatediff(tiny: bool, dtype: torch.dtype, device: str | torch.devic
     scheduler = PNDMScheduler.from_config(zoo.load_config("sd15_scheduler_config.json"))
     # The motion adapter's weights are already inside the UNetMotionModel; the pipeline only
     # needs the adapter to build that UNet from a 2D one.
-    return AnimateDiffPipeline(vae=_ready(vae, dtype), text_encoder=_ready(text_encoder, dtype), tokenizer=None,
-                               unet=unet, motion_adapter=None, scheduler=scheduler)
+    return AnimateDiffPipeline(vae=_ready(vae, dtype), text_encoder=_ready(text_encoder, dtype),
+                               tokenizer=byte_tokenizer(), unet=unet, motion_adapter=None, scheduler=scheduler)
+
+
+def byte_tokenizer():
+    """A CLIP tokenizer whose vocabulary is bytes alone: each byte's character (GPT-2's
+    byte-to-unicode table, which CLIP's tokenizer uses), each again as a word end ("</w>"),
+    and the two special tokens, 514 ids in all, with no merges. So a prompt becomes one id per
+    byte, padded to CLIP's 77, all inside the tiny text encoder's 1,000 ids (and SD 1.5's
+    49,408): text prompts work without a downloaded vocabulary. Not SD 1.5's tokenization."""
+    from transformers import CLIPTokenizer
+
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    chars = [chr(b) for b in printable] + [chr(256 + i) for i in range(len(others))]
+    vocab = {c: i for i, c in enumerate(chars)}
+    vocab.update({c + "</w>": len(chars) + i for i, c in enumerate(chars)})
+    vocab.update({"<|startoftext|>": len(vocab), "<|endoftext|>": len(vocab) + 1})
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=TEXT_TOKENS)
 
 
 def _transformers_config(filename: str, overrides: dict[str, Any]) -> dict[str, Any]:
