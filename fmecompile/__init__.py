@@ -7,7 +7,6 @@ outputs.
     unet = torch.compile(unet, backend="fme", options={"passes": ("slice", "group")})
     fme.optimize(pipe)    # a whole SVD / AnimateDiff pipeline: its UNet and VAE decoder
 """
-import logging
 
 from .artifacts import load, save
 from .check import check
@@ -24,4 +23,4 @@ __all__ = ["CompiledModule", "compile", "Config", "FmeError", "ConfigError", "Ca
            "InputError", "__version__", "save", "load", "ArtifactError", "optimize", "restore",
            "calibrate", "Calibration", "set_verbosity", "check", "CheckResult", "CheckWarning"]
 
-logging.getLogger("fmecompile").addHandler(logging.NullHandler())
+set_verbosity(None)  # the default handler: warnings and compile notices on stderr (progress.py)

@@ -30,6 +30,8 @@ from .runtime.cuda_graphs import GraphReplay
 from .runtime.distributed import check_available, parallel_run
 from .errors import ConfigError
 from .ir import node_count
+from .messages import describe_inputs
+from .progress import BACKEND_SECONDS_PER_NODE, announce_compile
 
 log = logging.getLogger("fmecompile")
 
@@ -116,6 +118,9 @@ class SpecializingGraph:
 
     def _compile(self, args: Sequence[Any], key: Hashable) -> Callable[..., Any]:
         start = time.perf_counter()
+        nodes = node_count(self.gm)
+        announce_compile(f"a torch.compile graph of {nodes} nodes", describe_inputs(list(args)),
+                         nodes * BACKEND_SECONDS_PER_NODE)
         canonical = capture_dynamo(self.gm, self.roles, args)
         program, report = run_passes(canonical, self.config)
         self.programs[key] = program

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import argparse
-import functools
+import difflib
 import itertools
 import logging
 import sys
@@ -32,10 +32,13 @@ from .progress import set_verbosity
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
-    args = parser.parse_args(argv)
-    # Other libraries' warnings only; fmecompile's per-phase progress unless --quiet.
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # argparse would blame the top-level parser, with its usage
+        _unrecognized(args.command_parser, unknown, parser)
+    # Other libraries' warnings only; fmecompile's per-phase progress unless --quiet (which
+    # leaves fmecompile's errors only: its compile notices are WARNING records).
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s", stream=sys.stderr)
-    set_verbosity("warning" if args.quiet else "info")
+    set_verbosity("error" if args.quiet else "info")
     try:
         return args.run(args)
     except FmeError as err:
@@ -53,13 +56,36 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+def _unrecognized(command: argparse.ArgumentParser, unknown: list[str], fme: argparse.ArgumentParser) -> None:
+    """Exits as argparse does (status 2), with the command's usage and, for a misspelled
+    option, the closest one it has (or where an option of fme itself goes)."""
+    def options(parser: argparse.ArgumentParser) -> list[str]:
+        return [option for action in parser._actions for option in action.option_strings]
+    hints = []
+    for word in (w.split("=", 1)[0] for w in unknown if w.startswith("-")):
+        close = difflib.get_close_matches(word, options(command), n=1, cutoff=0.6)
+        if close:
+            hints.append(f"{word}: did you mean {close[0]}?")
+        elif word in options(fme):
+            hints.append(f"{word} is an option of fme itself: put it before the command, "
+                         f"e.g. fme {word} {command.prog.split()[-1]} ...")
+    command.error(f"unrecognized arguments: {' '.join(unknown)}" + (f" ({'; '.join(hints)})" if hints else ""))
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fme", description=__doc__, formatter_class=_HelpFormatter)
     parser.add_argument("--version", action="version", version=f"fmecompile {__version__} (torch {torch.__version__})")
     parser.add_argument("-q", "--quiet", action="store_true",
-                        help="no progress messages (by default each phase prints a line on stderr)")
+                        help="no progress messages or compile notices, errors only (by default each phase "
+                             "prints a line on stderr)")
     sub = parser.add_subparsers(required=True, metavar="command")
-    sub.add_parser = functools.partial(sub.add_parser, formatter_class=_HelpFormatter)
+    add_parser = sub.add_parser
+
+    def add_command(name: str, **kwargs) -> argparse.ArgumentParser:
+        command = add_parser(name, formatter_class=_HelpFormatter, **kwargs)
+        command.set_defaults(command_parser=command)  # for errors in the command's own terms
+        return command
+    sub.add_parser = add_command
     _add_measuring_commands(sub)
     _add_artifact_commands(sub)
     return parser

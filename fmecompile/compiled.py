@@ -28,9 +28,11 @@ from .capture import Captured, capture_module, method_to_run
 from .compile_cache import cached_program
 from .config import Config
 from .contract import checked_call
+from .diagnose import check_inputs
 from .errors import ConfigError, FmeError, InputError
-from .messages import describe_inputs
+from .messages import describe_inputs, warn_at_caller
 from .model_state import ModelState
+from .progress import announce_compile, compile_estimate
 from .runtime.offload import call_onloaded, hooks_hidden
 from .rehash import TIMESTEP_ARGUMENT, StepRunner
 from .runtime.program import Program
@@ -156,12 +158,18 @@ class CompiledModule(torch.nn.Module):
             reasons.append(f"the model changed since the last call ({self._state.change(self._last_state, state)})")
             log.info("fmecompile: %s; capturing %s.%s again", reasons[-1], type(self.module).__name__,
                      self.method)
-        inputs = self._key(named)
-        if self._programs and all(key[0] != inputs for key in self._programs):
-            reasons.append(f"new input signature {describe_inputs(named)}")
-            warnings.warn(f"fmecompile: {reasons[-1]}; compiling specialization {len(self._programs) + 1}",
-                          stacklevel=3)
+        check_inputs(self.module, self.method, named)  # a mistake raises before any notice
+        inputs, signatures = self._key(named), {key[0] for key in self._programs}
+        described = describe_inputs(named)
+        what = f"{type(self.module).__name__}.{self.method}"
+        modules = sum(1 for _ in self.module.modules())
+        announce_compile(what, described, compile_estimate(modules, bool(self.fme_config.passes)))
         program = self.add_program(capture_module(self.module, self.method, named, not self.installed), named)
+        if signatures and inputs not in signatures:
+            # Warned once it compiled (so numbered by the signatures that did), at the user's line.
+            reasons.append(f"new input signature {described}")
+            warn_at_caller(f"fmecompile: {what} compiled again for a {reasons[-1]} (specialization "
+                           f"{len(signatures) + 1}); each new signature compiles anew")
         if reasons:
             self._why[program] = "; ".join(reasons)
         return program

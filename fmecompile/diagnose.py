@@ -142,38 +142,57 @@ def _dtype_problem(module: torch.nn.Module, kwargs: dict[str, Any]) -> str | Non
             f".to(torch.{short}) (or the model with model.to(torch.<dtype>))")
 
 
+def check_inputs(module: torch.nn.Module, method: str, kwargs: dict[str, Any]) -> None:
+    """Before anything is captured (or announced): the mistakes that need no trace to find,
+    weights without values and, for the model classes whose argument shapes are known
+    (`expected_shapes`), an argument of the wrong shape. Raises InputError."""
+    check_weights(module)
+    problem = _shape_problem(module, method, kwargs)
+    if problem is not None:
+        raise InputError(f"{type(module).__name__}.{method} cannot run on the inputs {describe_inputs(kwargs)}: "
+                         f"{problem}.")
+
+
 def _shape_problem(module: torch.nn.Module, method: str, kwargs: dict[str, Any]) -> str | None:
-    expected = expected_shapes(module, method)
-    for name, dims in expected.items():
+    """What is wrong with an argument's shape, naming the dim at fault; None where nothing
+    is (or the class's shapes are not known)."""
+    for name, dims in expected_shapes(module, method).items():
         value = kwargs.get(name)
         if not isinstance(value, torch.Tensor):
             continue
-        fits = value.dim() == len(dims) and all(
-            not isinstance(d, int) or value.shape[i] == d for i, d in enumerate(dims))
-        if not fits:
-            shape = ", ".join(str(d) for d in dims)
-            return (f"`{name}` has shape {tuple(value.shape)} ({value.dim()}-D), and "
-                    f"{type(module).__name__} expects a {len(dims)}-D tensor of shape ({shape}); "
-                    f"reshape it, or see fmecompile.tools.zoo.example_inputs for an example")
+        shape = "(" + ", ".join(d if isinstance(d, str) else f"{d[0]}={d[1]}" for d in dims) + ")"
+        expects = f"{type(module).__name__} expects a {len(dims)}-D tensor of shape {shape}"
+        hint = "reshape it, or see fmecompile.tools.zoo.example_inputs for an example"
+        if value.dim() != len(dims):
+            return f"`{name}` has shape {tuple(value.shape)} ({value.dim()}-D), and {expects}; {hint}"
+        for i, dim in enumerate(dims):
+            if not isinstance(dim, str) and value.shape[i] != dim[1]:
+                return (f"`{name}` has shape {tuple(value.shape)}: dim {i} is {value.shape[i]}, and {expects}, "
+                        f"dim {i} being the model's config.{dim[0]} = {dim[1]}; {hint}")
     return None
 
 
-def expected_shapes(module: torch.nn.Module, method: str) -> dict[str, tuple[int | str, ...]]:
-    """Argument shapes the model's classes are written for: ints are fixed by the model's
-    config, names are free. Empty for models we do not know."""
+def expected_shapes(module: torch.nn.Module, method: str) -> dict[str, tuple[str | tuple[str, int], ...]]:
+    """Argument shapes the model's classes are written for, a name per dim: a free dim by its
+    meaning, a dim the model's config fixes as (config field, value). Empty for models we do
+    not know."""
     cls = type(module).__name__
     cfg = getattr(module, "config", None)
     if cfg is None:
         return {}
+
+    def fixed(field: str) -> str | tuple[str, int]:
+        value = getattr(cfg, field, None)  # e.g. cross_attention_dim may be one per block: then free
+        return (field, value) if isinstance(value, int) and not isinstance(value, bool) else field
     if cls == "UNetSpatioTemporalConditionModel" and method == "forward":
-        return {"sample": ("batch", "frames", cfg.in_channels, "height", "width"),
-                "encoder_hidden_states": ("batch", "tokens", cfg.cross_attention_dim),
+        return {"sample": ("batch", "frames", fixed("in_channels"), "height", "width"),
+                "encoder_hidden_states": ("batch", "tokens", fixed("cross_attention_dim")),
                 "added_time_ids": ("batch", "time_ids")}
     if cls == "UNetMotionModel" and method == "forward":
-        return {"sample": ("batch", cfg.in_channels, "frames", "height", "width"),
-                "encoder_hidden_states": ("batch", "tokens", cfg.cross_attention_dim)}
+        return {"sample": ("batch", fixed("in_channels"), "frames", "height", "width"),
+                "encoder_hidden_states": ("batch", "tokens", fixed("cross_attention_dim"))}
     if cls == "AutoencoderKLTemporalDecoder" and method == "decode":
-        return {"z": ("batch*frames", cfg.latent_channels, "height", "width")}
+        return {"z": ("batch*frames", fixed("latent_channels"), "height", "width")}
     return {}
 
 

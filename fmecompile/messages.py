@@ -1,8 +1,12 @@
 """Text and log helpers of the library and its tooling: short texts of inputs and errors
-for error messages, markdown tables, and quieting Hugging Face libraries' loggers."""
+for error messages, warnings attributed to the user's line, markdown tables, and quieting
+Hugging Face libraries' loggers."""
 from __future__ import annotations
 
 import contextlib
+import os
+import sys
+import warnings
 from typing import Any, Sequence
 
 import torch
@@ -20,6 +24,27 @@ def describe_inputs(values: Any) -> str:
         return repr(v)
 
     return one(values)
+
+
+def warn_at_caller(message: str, category: type[Warning] = UserWarning) -> None:
+    """warnings.warn, attributed to the first frame outside fmecompile and the libraries it
+    is called through (torch's module calls, diffusers' pipelines, accelerate's and peft's
+    hooks, contextlib's decorators): the user's line, whatever the depth of the call."""
+    frame, level = sys._getframe(1), 2  # stacklevel 2: warn_at_caller's caller
+    libraries = _library_paths()
+    while frame.f_back is not None and frame.f_code.co_filename.startswith(libraries):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, category, stacklevel=level)
+
+
+def _library_paths() -> tuple[str, ...]:
+    paths = [os.path.dirname(contextlib.__file__) + os.sep + name for name in ("contextlib.py", "functools.py")]
+    for name in ("fmecompile", "fmecompile.passes", "fmecompile.kernels", "torch", "diffusers", "accelerate",
+                 "peft", "transformers"):
+        module = sys.modules.get(name)
+        if module is not None and getattr(module, "__file__", None):
+            paths.append(os.path.dirname(module.__file__) + os.sep)
+    return tuple(paths)
 
 
 def first_line(err: BaseException) -> str:

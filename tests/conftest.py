@@ -165,7 +165,7 @@ SLOW = {
     "test_signatures.py::test_a_flipped_byte_anywhere_is_an_artifact_error": "a save per byte range",
     "test_identity.py::test_drop_in_call_conventions": "several compiles (test_signatures' conventions stay)",
     "test_artifacts.py::test_loaded_module_keeps_plan_and_refuses_other_inputs": "the fresh-process load stays",
-    "test_progress.py::test_library_is_quiet_by_default_and_set_verbosity_turns_progress_on_and_off":
+    "test_progress.py::test_a_compile_announces_itself_by_default_and_set_verbosity_adds_phases_or_silences":
         "subprocesses (the CLI's progress test stays)",
     # planner variants on the svd-tiny UNet: a budget on the VAE, auto @ 80 GiB and the launch counts stay quick
     "test_budget_plan.py::test_a_budget_is_met_with_fewer_launches_than_the_finest_plan[[]svd-vae-tiny-0.6]": "0.8 stays",

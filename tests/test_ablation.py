@@ -8,10 +8,10 @@ import zlib
 
 import pytest
 
-from fmecompile.tools.ablation import KINDS, ablation_variants, decode_chunk_sizes
+from fmecompile.tools.ablation import KINDS, ablation_variants, changed_nothing, decode_chunk_sizes, plot_ablation
 from fmecompile.cli import main
 from fmecompile.errors import ConfigError
-from fmecompile.tools.plots import Point, scatter
+from fmecompile.tools.plots import Point, merge_coincident, scatter
 
 
 def labels(model, frames, **kwargs):
@@ -96,8 +96,41 @@ def test_ablate_writes_table_json_and_plot_with_every_configuration(tmp_path, ca
     for i, label in enumerate(expected, start=1):
         assert f"| {i} " in table and label in table
     assert "TFLOP/s" in table and "GFLOP" in table
+    # At 32 px the slicer's loops would raise the decoder's peak, so its rows keep the graph
+    # as captured: marked in the table, with the report's reason (they repeat passes=none).
+    unchanged = [i for i, r in enumerate(rows, start=1) if changed_nothing(r)]
+    assert unchanged, "no row left the graph as captured: this case no longer shows the marking"
+    for i in unchanged:
+        line = next(line for line in table.splitlines() if line.startswith(f"| {i} "))
+        assert "(changed nothing)" in line
+        assert f"- row {i}, {rows[i - 1]['label']}: slice changed nothing: the " in table
+    cells = [line.split("|") for line in table.splitlines() if line.startswith("| ")]
+    assert [int(c[1]) for c in cells if c[1].strip().isdigit() and "(changed nothing)" in c[2]] == unchanged
 
     _, _, pixels = read_png(stem.with_suffix(".png").read_bytes())
     colors = {pixels[i:i + 3] for i in range(0, len(pixels), 3)}
     for kind in ("stock", "fme passes", "fme chunks", "diffusers"):
         assert bytes(KINDS[kind]) in colors, kind
+
+
+def test_points_on_one_spot_share_one_label():
+    points = [Point(10.0, 5.0, "1", (0, 0, 0)), Point(10.05, 5.02, "2", (0, 0, 0)), Point(30.0, 1.0, "3", (0, 0, 0)),
+              Point(10.0, 5.0, "4=", (0, 0, 0))]
+    merged = merge_coincident(points)
+    assert [(p.x, p.y, p.label) for p in merged] == [(10.0, 5.0, "1,2,4="), (30.0, 1.0, "3")]
+
+
+def test_the_plot_marks_rows_that_changed_nothing(tmp_path, monkeypatch):
+    monkeypatch.setattr("fmecompile.tools.plot_mpl.available", lambda: False)
+    drawn = {}
+    monkeypatch.setattr("fmecompile.tools.ablation.write_scatter",
+                        lambda path, points, title, x, y, legend: drawn.update(points=points, legend=legend))
+    def row(kind, latency, peak, report):
+        return {"kind": kind, "latency_ms": latency, "activation_peak": peak * 2**20, "report": report}
+    result = {"case": {"model": "m", "batch": 1, "frames": 2, "height": 8, "width": 8, "dtype": "fp32", "device": "cpu"},
+              "rows": [row("stock", 10.0, 4.0, {}), row("fme passes", 11.0, 4.0, {}),
+                       row("fme chunks", 11.0, 4.0, {"slice": {"regions": 0, "reason": "would not lower"}}),
+                       row("fme passes", 30.0, 1.0, {"slice": {"regions": 3}})]}
+    plot_ablation(result, tmp_path / "p.png")
+    assert [p.label for p in drawn["points"]] == ["1", "2,3=", "4"]
+    assert ("n= changed nothing", (127, 127, 127)) in drawn["legend"]

@@ -42,3 +42,17 @@ def test_rehash_error_points_to_flags_that_exist(capsys):
     script = (ROOT / "benchmarks" / "bench_rehash.py").read_text()
     flags = re.findall(r"--[a-z][a-z-]+", err)
     assert flags and all(f'"{flag}"' in script for flag in flags)
+
+
+@pytest.mark.parametrize("argv, usage, hint", [
+    (["bench", "--modle", "svd-tiny"], "usage: fme bench", "--modle: did you mean --model?"),
+    (["compile", "--out", "x.fme", "--frame", "2", "--hieght", "32"], "usage: fme compile", "--hieght: did you mean --height?"),
+    (["demo", "--quiet"], "usage: fme demo", "put it before the command, e.g. fme --quiet demo"),
+])
+def test_a_misspelled_option_gets_the_commands_usage_and_the_closest_option(argv, usage, hint, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(usage) and hint in err, err
+    assert "fme: error" not in err  # the command's own error line: "fme bench: error: ..."

@@ -12,7 +12,8 @@ def test_wrong_input_shape_is_an_input_error_naming_the_argument(svd_tiny):
     with pytest.raises(fme.InputError) as info:
         fme.compile(svd_tiny.model, kwargs=bad, config=IDENTITY)
     text = str(info.value)
-    assert "`sample` has shape (2, 3, 5, 8, 8)" in text and "(batch, frames, 8, height, width)" in text
+    assert "`sample` has shape (2, 3, 5, 8, 8): dim 2 is 5" in text
+    assert "(batch, frames, in_channels=8, height, width)" in text and "config.in_channels = 8" in text
     assert "example_inputs" in text
 
 

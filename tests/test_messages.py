@@ -1,5 +1,8 @@
 """User mistakes get one fmecompile error that names the argument or field at fault and
 says what to do: no torch traceback, no internal class names, no fake-tensor log."""
+import logging
+import warnings
+
 import pytest
 import torch
 
@@ -18,7 +21,8 @@ def compile_error(model, inputs, capfd):
 def assert_user_facing(error, stderr):
     text = str(error)
     assert "_Entry" not in text
-    assert error.__cause__ is None and error.__suppress_context__  # no chained torch traceback
+    # no chained torch traceback (raised from None, or before anything inside torch failed)
+    assert error.__cause__ is None and (error.__suppress_context__ or error.__context__ is None)
     assert "fake_tensor" not in stderr and "Traceback" not in stderr
 
 
@@ -29,6 +33,27 @@ def test_4d_sample_to_the_svd_unet_names_sample_and_its_expected_rank(svd_tiny, 
     assert "`sample` has shape" in str(error) and "expects a 5-D tensor" in str(error)
     assert "UNetSpatioTemporalConditionModel.forward" in str(error)
     assert_user_facing(error, stderr)
+
+
+def test_a_bad_call_announces_nothing_and_signatures_are_numbered_by_those_that_compiled(vae_tiny, caplog):
+    """A call of the wrong shape raises before any compile notice or signature warning; the
+    next new signature that compiles is the second, and its warning is at the caller's line."""
+    compiled = fme.compile(vae_tiny.target, kwargs=vae_tiny.inputs, config=IDENTITY)
+    z = vae_tiny.inputs["z"]
+    caplog.clear()
+    with warnings.catch_warnings(record=True) as seen, caplog.at_level(logging.INFO, logger="fmecompile"):
+        warnings.simplefilter("always")
+        with pytest.raises(fme.InputError, match="`z` has shape"):
+            compiled(z=z[None], num_frames=vae_tiny.inputs["num_frames"])
+        assert not seen and not [r for r in caplog.records if "compiling" in r.getMessage()]
+        with torch.no_grad():
+            compiled(z=z[:, :, :6, :6], num_frames=vae_tiny.inputs["num_frames"])  # a new signature
+    notices = [r.getMessage() for r in caplog.records if "fmecompile: compiling" in r.getMessage()]
+    assert len(notices) == 1 and "z=Tensor(6, 4, 6, 6):float32" in notices[0], notices
+    assert [r.levelno for r in caplog.records if "fmecompile: compiling" in r.getMessage()] == [logging.WARNING]
+    signature_warnings = [w for w in seen if "new input signature" in str(w.message)]
+    assert len(signature_warnings) == 1 and "(specialization 2)" in str(signature_warnings[0].message)
+    assert signature_warnings[0].filename == __file__  # the user's line, not fmecompile's
 
 
 def test_weights_on_meta_say_load_real_weights(svd_tiny, capfd):

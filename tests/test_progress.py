@@ -1,5 +1,7 @@
-"""Progress on stderr: the library is quiet unless asked (fme.set_verbosity), the fme
-command prints a line per phase (capture, each pass) unless --quiet."""
+"""Progress on stderr: at the default verbosity a compile announces itself in one line (what,
+for which inputs, roughly how long, and the switches), `fme.set_verbosity("info")` adds a line
+per phase and `set_verbosity("error")` silences both; the fme command prints a line per phase
+(capture, each pass) unless --quiet."""
 import subprocess
 import sys
 
@@ -13,7 +15,10 @@ if sys.argv[1] != "default":
     fme.set_verbosity(sys.argv[1])
 mlp = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 8))
 fme.compile(mlp, kwargs={"input": torch.randn(4, 8)}, config=fme.Config(passes=("slice",)))
+torch.compile(mlp, backend="fme")(torch.randn(4, 8))
 """
+NOTICE = "fmecompile: compiling Sequential.forward for {input=Tensor(4, 8):float32} (under 10 s;"
+BACKEND_NOTICE = "fmecompile: compiling a torch.compile graph of"
 
 
 def stderr_of(verbosity):
@@ -23,12 +28,16 @@ def stderr_of(verbosity):
     return result.stderr
 
 
-def test_library_is_quiet_by_default_and_set_verbosity_turns_progress_on_and_off():
-    assert "[fme" not in stderr_of("default")
+def test_a_compile_announces_itself_by_default_and_set_verbosity_adds_phases_or_silences():
+    default = stderr_of("default")
+    assert NOTICE in default and BACKEND_NOTICE in default, default
+    assert 'set_verbosity("error") hides this' in default
+    assert "[fme" not in default and "pass slice" not in default  # no per-phase lines
     verbose = stderr_of("info")
-    for line in ("capturing Sequential.forward", "captured", "pass slice: running on", "pass slice: "):
+    for line in (NOTICE, "capturing Sequential.forward", "captured", "pass slice: running on", "pass slice: "):
         assert line in verbose, verbose
-    assert "[fme" not in stderr_of("warning")
+    assert NOTICE in stderr_of("warning")
+    assert "fmecompile" not in stderr_of("error")
 
 
 def test_unknown_verbosity_is_a_config_error():

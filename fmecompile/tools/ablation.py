@@ -22,7 +22,7 @@ from ..errors import ConfigError
 from . import zoo
 from ..messages import markdown_table
 from .bench import ROW_HEADER, Case, Variant, compare, row_cells, write_json
-from .plots import Color, Point, write_scatter
+from .plots import Color, Point, merge_coincident, write_scatter
 
 DEFAULT_CHUNKS = (2, 4, 8)
 
@@ -103,12 +103,32 @@ def run_ablation(case: Case, out_dir: str | Path, chunks: Sequence[int] = DEFAUL
     return paths
 
 
+def unchanged_passes(row: dict[str, Any]) -> dict[str, str]:
+    """The passes of a row that left the graph as captured, each with its report's reason."""
+    report = row.get("report") or {}
+    unchanged = {}
+    if "slice" in report and not report["slice"].get("regions"):
+        unchanged["slice"] = report["slice"].get("reason", "no region to slice")
+    if "group" in report and not report["group"].get("fused"):
+        unchanged["group"] = report["group"].get("reason", "no pattern to fuse")
+    return unchanged
+
+
+def changed_nothing(row: dict[str, Any]) -> bool:
+    """An fme row whose every pass left the graph as captured: it measures the identity
+    compile again, not its configuration."""
+    ran = {name for name in ("slice", "group") if name in (row.get("report") or {})}
+    return bool(ran) and set(unchanged_passes(row)) == ran
+
+
 def format_ablation(result: dict[str, Any]) -> str:
     rows = result["rows"]
     stock = rows[0]
     header = ["#", "configuration", *ROW_HEADER, "TFLOP/s"]
-    lines = [[str(i + 1), r["label"], *row_cells(r, stock), f"{r['tflops_per_s']:.3g}"]
-             for i, r in enumerate(rows)]
+    lines = [[str(i + 1), r["label"] + (" (changed nothing)" if changed_nothing(r) else ""), *row_cells(r, stock),
+              f"{r['tflops_per_s']:.3g}"] for i, r in enumerate(rows)]
+    notes = [f"- row {i + 1}, {r['label']}: {name} changed nothing: {reason}"
+             for i, r in enumerate(rows) for name, reason in unchanged_passes(r).items()]
     env = result["environment"]
     return "\n".join([
         f"# Ablation: {_title(result)}",
@@ -120,14 +140,21 @@ def format_ablation(result: dict[str, Any]) -> str:
             gpu=f", {env['gpu']}" if env.get("gpu") else ""),
         "",
         *markdown_table(header, lines),
+        *(["", "Passes that left the graph as captured (so the row repeats what the pass did not do):", *notes]
+          if notes else []),
     ])
 
 
 def plot_ablation(result: dict[str, Any], path: Path) -> Path:
-    points = [Point(r["latency_ms"], r["activation_peak"] / 2**20, str(i + 1), KINDS[r["kind"]])
-              for i, r in enumerate(result["rows"])]
+    """Each row a point labelled with its number ("6=" where it changed nothing); rows that
+    fall on one spot share one label ("2,6="), so labels never print over each other."""
+    points = [Point(r["latency_ms"], r["activation_peak"] / 2**20, f"{i + 1}{'=' if changed_nothing(r) else ''}",
+                    KINDS[r["kind"]]) for i, r in enumerate(result["rows"])]
+    points = merge_coincident(points)
     present = {r["kind"] for r in result["rows"]}
     legend = [(kind, color) for kind, color in KINDS.items() if kind in present]
+    if any(changed_nothing(r) for r in result["rows"]):
+        legend.append(("n= changed nothing", (127, 127, 127)))
     from . import plot_mpl
 
     # matplotlib (the `plots` extra) if installed, else the standard-library writer.

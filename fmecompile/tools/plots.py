@@ -108,6 +108,24 @@ class Frame:
 
 
 MARKER_RADIUS = 4
+# Points nearer than this fraction of both axes' spans share one marker and one label.
+COINCIDENT = 0.02
+
+
+def merge_coincident(points: list[Point]) -> list[Point]:
+    """The points, those that would be drawn on one spot merged into the first of them, with
+    their labels joined ("2,6"): a label is never printed over another's."""
+    x_span = max((abs(p.x) for p in points), default=0.0) or 1.0
+    y_span = max((abs(p.y) for p in points), default=0.0) or 1.0
+    merged: list[Point] = []
+    for point in points:
+        for i, kept in enumerate(merged):
+            if abs(kept.x - point.x) <= COINCIDENT * x_span and abs(kept.y - point.y) <= COINCIDENT * y_span:
+                merged[i] = Point(kept.x, kept.y, f"{kept.label},{point.label}", kept.color)
+                break
+        else:
+            merged.append(point)
+    return merged
 
 
 def scatter(points: list[Point], title: str, x_label: str, y_label: str,
