@@ -14,9 +14,12 @@ configured logging, whose handlers then get them.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
-from typing import IO
+import threading
+import time
+from typing import IO, Iterator
 
 from .errors import ConfigError
 
@@ -92,3 +95,22 @@ def announce_compile(what: str, inputs: str, seconds: float) -> None:
 
 def _duration(seconds: float) -> str:
     return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min"
+
+
+@contextlib.contextmanager
+def heartbeat(what: str, every: float = 30.0) -> Iterator[None]:
+    """While inside, an INFO line every `every` seconds ("what: still running after 90 s"),
+    for work that reports nothing of its own for minutes (Inductor compiling a UNet)."""
+    done = threading.Event()
+    start = time.perf_counter()
+
+    def beat() -> None:
+        while not done.wait(every):
+            log.info("%s: still running after %.0f s", what, time.perf_counter() - start)
+    thread = threading.Thread(target=beat, name="fmecompile-heartbeat", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()

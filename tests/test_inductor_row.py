@@ -34,3 +34,19 @@ def test_allocator_meter_agrees_with_the_live_tensor_meter_on_eager_code():
         _, live = measure_memory(lambda: model(x), "cpu")
         _, allocator = allocator_peak(lambda: model(x))
     assert live.activation_peak == allocator.activation_peak == 2 * 32 * 256 * 4
+
+
+def test_the_allocator_meter_prints_nothing_of_its_own(capfd):
+    """torch's profiler (kineto) writes "profiler_start"/"profiler_stop" lines to the process's
+    stderr around each reading, a stray line in `fme ablate`'s output; the meter keeps them
+    off, and what the metered code itself writes still shows."""
+    import os
+
+    def work():
+        os.write(2, b"the code's own line\n")
+        return torch.randn(16, 16) @ torch.randn(16, 16)
+
+    allocator_peak(work)
+    err = capfd.readouterr().err
+    assert "profiler_st" not in err and "USDT" not in err, err
+    assert "the code's own line" in err

@@ -60,3 +60,18 @@ def test_cli_prints_each_phase_unless_quiet(tmp_path, capfd):
     finally:
         import fmecompile as fme
         fme.set_verbosity(None)
+
+
+def test_a_heartbeat_reports_long_silent_work_and_stops_with_it(caplog):
+    import logging
+    import time
+
+    from fmecompile.progress import heartbeat
+
+    with caplog.at_level(logging.INFO, logger="fmecompile"):
+        with heartbeat("inductor compile", every=0.05):
+            time.sleep(0.3)
+        beats = len(caplog.records)
+        time.sleep(0.2)
+    assert beats >= 2 and all("inductor compile: still running after" in r.getMessage() for r in caplog.records)
+    assert len(caplog.records) == beats  # nothing after the work ended

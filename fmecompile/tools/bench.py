@@ -24,6 +24,7 @@ from ..compiled import CompiledModule, split_method
 from ..config import Config
 from ..errors import ConfigError
 from ..messages import markdown_table
+from ..progress import heartbeat
 from ..version import __version__
 from . import zoo
 from .meters import MemoryReading, count_flops, measure_memory, time_call
@@ -177,9 +178,10 @@ def _baseline(name: str, module: torch.nn.Module, target: Callable[..., Any], in
     if name == "decode-chunking":
         return (lambda: decode_in_chunks(target, inputs, chunk_size or 1)), None, {}
     compiled = torch.compile(target)
-    log.info("compiling stock with torch.compile (inductor): the first call compiles")
+    log.info("compiling stock with torch.compile (inductor): the first call compiles (minutes for a "
+             "UNet on a CPU)")
     start = time.perf_counter()
-    with torch.inference_mode():
+    with torch.inference_mode(), heartbeat("  inductor compile"):
         compiled(**inputs)  # compiles; the measured calls reuse it
     return (lambda: compiled(**inputs)), time.perf_counter() - start, {}
 

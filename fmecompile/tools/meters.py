@@ -14,10 +14,13 @@ beside it.
 """
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
 import time
 import weakref
 from dataclasses import asdict, dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.utils._pytree as pytree
@@ -101,8 +104,14 @@ def allocator_peak(fn: Callable[[], Any]) -> tuple[Any, MemoryReading]:
     the compiled code, and it also counts workspaces that ops allocate internally."""
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+    with _native_stderr_silenced():  # kineto prints "profiler_start"/"profiler_stop" lines there
+        prof.start()
+    try:
         out = fn()
+    finally:
+        with _native_stderr_silenced():
+            prof.stop()
     events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
                     if e.name() == "[memory]")
     live = peak = 0
@@ -110,6 +119,21 @@ def allocator_peak(fn: Callable[[], Any]) -> tuple[Any, MemoryReading]:
         live += nbytes
         peak = max(peak, live)
     return out, MemoryReading(peak)
+
+
+@contextlib.contextmanager
+def _native_stderr_silenced() -> Iterator[None]:
+    """File descriptor 2 points at the null device while inside: silences what C++ code
+    writes there (Python's sys.stderr is flushed first and is otherwise untouched)."""
+    sys.stderr.flush()
+    saved, null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(null, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(null)
 
 
 def _measure_cuda(fn: Callable[[], Any], device: torch.device) -> tuple[Any, MemoryReading]:
