@@ -22,9 +22,12 @@ else:
         import os
         import sys
 
-        checkout = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        elsewhere = [p for p in sys.path if os.path.abspath(p or os.curdir) != checkout]
+        here = os.path.realpath(__file__)
+        checkout = os.path.dirname(os.path.dirname(here))
+        elsewhere = [p for p in sys.path if os.path.realpath(p or os.curdir) != checkout]
         spec = importlib.machinery.PathFinder.find_spec(__name__, elsewhere)
+        if spec is not None and spec.origin and os.path.realpath(spec.origin) == here:
+            spec = None  # this folder again, through another path to the checkout
         if spec is None or spec.loader is None:
             raise ModuleNotFoundError(
                 f"No module named {__name__!r} (this checkout's kernels/ folder is fmecompile.kernels: "
