@@ -140,7 +140,7 @@ def format_ablation(result: dict[str, Any]) -> str:
             gpu=f", {env['gpu']}" if env.get("gpu") else ""),
         "",
         *markdown_table(header, lines),
-        *(["", "Passes that left the graph as captured (so the row repeats what the pass did not do):", *notes]
+        *(["", "Passes that left the graph as captured, and why:", *notes]
           if notes else []),
     ])
 
