@@ -56,20 +56,19 @@ def set_verbosity(level: str | int | None = "info", stream: IO[str] | None = Non
         if level.lower() not in LEVELS:
             raise ConfigError(f"unknown verbosity {level!r}; choose from {list(LEVELS)} or None")
         level = LEVELS[level.lower()]
-    logger = logging.getLogger(LOGGER)
-    for handler in [h for h in logger.handlers if isinstance(h, (_ProgressHandler, _DefaultHandler))]:
-        logger.removeHandler(handler)
+    for handler in [h for h in log.handlers if isinstance(h, (_ProgressHandler, _DefaultHandler))]:
+        log.removeHandler(handler)
     if level is None:
-        logger.addHandler(_DefaultHandler())
-        logger.setLevel(logging.NOTSET)
-        logger.propagate = True
+        log.addHandler(_DefaultHandler())
+        log.setLevel(logging.NOTSET)
+        log.propagate = True
         return
     handler = _ProgressHandler(stream or sys.stderr)
     handler.setFormatter(logging.Formatter(FORMAT))
-    logger.addHandler(handler)
-    logger.setLevel(level)
+    log.addHandler(handler)
+    log.setLevel(level)
     # Our handler prints them; the root's (if an application configured one) would print twice.
-    logger.propagate = False
+    log.propagate = False
 
 
 # What a compile takes, from measurements on the project's 2-core CPU machine: the tiny SVD
