@@ -25,7 +25,7 @@ def test_subpackages_live_under_fmecompile(tmp_path):
     assert result.stdout.split() == ["fmecompile.passes", "fmecompile.kernels"]
 
 
-def _run_in_checkout(script: str, tmp_path) -> subprocess.CompletedProcess:
+def _run_in_checkout(script: str) -> subprocess.CompletedProcess:
     """`script` run as `python -c` from the repository root, where the checkout's own folders
     (kernels/, passes/) are importable by their top-level names."""
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
@@ -41,7 +41,7 @@ def test_the_checkouts_kernels_folder_does_not_shadow_a_kernels_distribution(tmp
     (other / "__init__.py").write_text("DISTRIBUTION = 'the other one'\n")
     result = _run_in_checkout(
         f"import sys; sys.path.append({str(tmp_path / 'site')!r}); sys.path[1:-1] = [];"  # checkout, then it
-        "import kernels; print(kernels.DISTRIBUTION, sys.modules['kernels'] is kernels)", tmp_path)
+        "import kernels; print(kernels.DISTRIBUTION, sys.modules['kernels'] is kernels)")
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.split() == ["the", "other", "one", "True"]
     # Where no other distribution is installed, it is missing as such (what import probes expect),
@@ -55,7 +55,7 @@ def test_the_checkouts_kernels_folder_does_not_shadow_a_kernels_distribution(tmp
         "    print('missing', err.name)",
         "sys.path[:] = saved",
         "import fmecompile.kernels",
-        "print(torch.ops.fme.residual_add.default)"]), tmp_path)
+        "print(torch.ops.fme.residual_add.default)"]))
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.split() == ["missing", "kernels", "fme.residual_add.default"]
 
