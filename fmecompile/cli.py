@@ -1,4 +1,4 @@
-"""The `fme` command: `fme demo`, `fme bench`, `fme ablate`, `fme compile`, `fme check`."""
+"""The `fme` command: `fme demo`, `fme bench`, `fme ablate`, `fme compile`, `fme check`, `fme plan`."""
 from __future__ import annotations
 
 import argparse
@@ -18,6 +18,9 @@ from .compiled import CompiledModule, split_method
 from .compiled import compile as compile_module
 from .config import EXACT_PASSES, Config, parse_bytes
 from .errors import ConfigError, FmeError
+from .planner import OFFLOAD_NAMES
+from .planner import PIPELINES as PLANNED_PIPELINES
+from .planner import plan as plan_pipeline
 from .tools import zoo
 from .tools.ablation import DEFAULT_CHUNKS, run_ablation
 from .tools.bench import BASELINES, DTYPES, Case, Variant, compare, format_table, write_json
@@ -88,6 +91,7 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser = add_command
     _add_measuring_commands(sub)
     _add_artifact_commands(sub)
+    _add_plan_command(sub)
     return parser
 
 
@@ -161,6 +165,34 @@ def _add_artifact_commands(sub) -> None:
                           help="compare a float64 copy (CPU): the rewrite's own error, without fp rounding")
     checking.add_argument("--json", help="also write the result as JSON to this path")
     checking.set_defaults(run=run_check)
+
+
+def _add_plan_command(sub) -> None:
+    planning = sub.add_parser("plan", help="what one whole generation needs on a GPU of a given size: per part "
+                                            "(encoder, UNet, VAE decoder) its weights, activation peak, the "
+                                            "offload it needs and the chunking chosen, compiled on the CPU "
+                                            "without running; exit status 1 if it does not fit")
+    planning.add_argument("--pipeline", required=True, choices=PLANNED_PIPELINES)
+    planning.add_argument("--tiny", action="store_true", help="narrow components (for a quick try on CPU)")
+    planning.add_argument("--frames", type=int, help="frames (if not given: the pipeline's own)")
+    planning.add_argument("--height", type=int, help="height in pixels (if not given: the pipeline's own)")
+    planning.add_argument("--width", type=int, help="width in pixels (if not given: the pipeline's own)")
+    planning.add_argument("--gpu-memory", help="GPU memory available to PyTorch, e.g. 6GiB (if not given: "
+                                               "the free memory of the CUDA device)")
+    planning.add_argument("--dtype", choices=list(DTYPES), default="fp16")
+    planning.add_argument("--videos", type=int, default=1, help="videos per prompt (num_videos_per_prompt)")
+    planning.add_argument("--no-guidance", action="store_true", help="without classifier-free guidance (UNet batch 1)")
+    planning.add_argument("--offload", choices=["auto", *OFFLOAD_NAMES], default="auto",
+                          help="auto: the cheapest that fits; none, model (enable_model_cpu_offload) or group "
+                               "(enable_group_offload, block level)")
+    planning.add_argument("--margin", help="memory left free for what the prediction does not see (if not "
+                                           "given: 10%% of the GPU memory and 512 MiB)")
+    planning.add_argument("--finest-only", action="store_true",
+                          help="report each compiled part's finest plan (the least memory it reaches) instead "
+                               "of searching the fastest plan within its budget: the same fits verdict, in one "
+                               "compile per part (the search takes minutes for a real-size UNet on a CPU)")
+    planning.add_argument("--json", help="also write the plan as JSON to this path")
+    planning.set_defaults(run=run_plan)
 
 
 def _add_case_arguments(parser: argparse.ArgumentParser, model_required: bool = True) -> None:
@@ -321,6 +353,26 @@ def run_check(args: argparse.Namespace) -> int:
     if args.json:
         print(f"wrote {write_json(result.to_dict(), args.json)}")
     return 0 if result.ok else 1
+
+
+def run_plan(args: argparse.Namespace) -> int:
+    gpu_memory = args.gpu_memory
+    if gpu_memory is None:
+        if not torch.cuda.is_available():
+            raise ConfigError("fme plan needs --gpu-memory (e.g. --gpu-memory 6GiB) where there is no CUDA "
+                              "device to read the free memory of")
+        gpu_memory = torch.cuda.mem_get_info()[0]
+    result = plan_pipeline(args.pipeline + (zoo.TINY_SUFFIX if args.tiny else ""), frames=args.frames,
+                           height=args.height, width=args.width, gpu_memory=gpu_memory, dtype=DTYPES[args.dtype],
+                           num_videos_per_prompt=args.videos, guidance=not args.no_guidance,
+                           offload=None if args.offload == "auto" else OFFLOAD_NAMES[args.offload],
+                           margin=args.margin, fastest=not args.finest_only)
+    print(result)
+    print(f"planned in {result.seconds:.0f}s")
+    if args.json:
+        result.to_json(args.json)
+        print(f"wrote {args.json}")
+    return 0 if result.fits else 1
 
 
 def run_ablate(args: argparse.Namespace) -> int:

@@ -20,6 +20,13 @@ the same components shares the installed programs.
 diffusers' weight offloading composes, switched on before or after optimize: the compiled
 parts run its hooks around each call (fmecompile/runtime/offload.py). Other hooks on the UNet
 or VAE, which the compiled graphs would skip, are refused here.
+
+Two budgets: `Config.memory_budget` is one compiled module's activation budget (what
+`fme.compile` takes, and what each part gets when optimize is given only a config);
+`optimize(pipe, memory_budget=...)` is the whole pipeline's GPU memory, which optimize turns
+into each part's activation budget by taking off the weights resident during that part's
+calls under the pipeline's offload state when optimize is called, and a margin
+(fmecompile/planner.py: activation_budgets; `fme.plan` plans with the same arithmetic).
 """
 from __future__ import annotations
 
@@ -31,7 +38,7 @@ from typing import Any, Callable
 
 import torch
 
-from . import install
+from . import install, planner
 from .compiled import CompiledModule
 from .config import Config
 from .errors import FmeError
@@ -55,6 +62,7 @@ class OptimizeSummary:
     modules: dict[str, CompiledModule] = field(default_factory=dict)
     left: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    budgets: dict[str, int | None] = field(default_factory=dict)  # under memory_budget: each part's activation budget
 
     def __str__(self) -> str:
         lines = [f"compiled {name} ({type(m.module).__name__}.{m.method}, passes "
@@ -72,12 +80,22 @@ class _Replaced:
     decode_latents: bool = False
 
 
-def optimize(pipe: Any, config: Config | None = None) -> OptimizeSummary:
+def optimize(pipe: Any, config: Config | None = None, *, memory_budget: int | str | None = None) -> OptimizeSummary:
     """Compiles `pipe.unet` and `pipe.vae.decode` with `config` (default: Config(), the exact
     passes) in place; `pipe(...)` then runs as before, with the same outputs within rounding.
     Composes with diffusers' weight offloading (enable_model_cpu_offload,
     enable_sequential_cpu_offload, group offloading), before or after optimize; refuses other
-    hooks on the UNet or VAE, which the compiled graphs would skip."""
+    hooks on the UNet or VAE, which the compiled graphs would skip.
+
+    memory_budget: the GPU memory the whole generation may use (bytes, or a size such as
+    "6GiB"): each part is compiled for the activation budget left after the weights resident
+    during its calls (with model CPU offload, the parts diffusers' hooks keep on the device
+    then; with group or sequential offload, its own; without offloading, every part on its
+    device) and a margin (planner.margin_bytes); set up offloading before optimize, as the
+    budgets are taken from it then. "auto": the device's free memory now (or
+    config.free_memory where given) plus the pipeline's weights already on it; on the CPU
+    without free_memory, no budget. None (the default): each part gets config.memory_budget,
+    an activation budget per compiled module. `summary.budgets` holds what each part got."""
     config = config if config is not None else Config()
     if not isinstance(config, Config):
         raise FmeError(f"config must be an fmecompile.Config, got {type(config).__name__}")
@@ -88,11 +106,12 @@ def optimize(pipe: Any, config: Config | None = None) -> OptimizeSummary:
     replaced = _Replaced()
     unet, vae = getattr(pipe, "unet", None), getattr(pipe, "vae", None)
     _refuse_unknown_hooks(pipe, {"unet": unet, "vae": vae})
+    configs = _part_configs(pipe, config, memory_budget, summary)
 
     # Every CompiledModule is made before anything is installed: a bad config fails here
     # and leaves the pipeline untouched.
-    compiled_unet = _compile_part("unet", unet, config, "forward", summary)
-    compiled_decode = _compile_part("vae", vae, config.without_rehash(), "decode", summary)
+    compiled_unet = _compile_part("unet", unet, configs["unet"], "forward", summary)
+    compiled_decode = _compile_part("vae", vae, configs["vae"], "decode", summary)
     if compiled_unet is None and compiled_decode is None:
         raise FmeError(f"fmecompile.optimize found nothing to compile in {type(pipe).__name__} "
                        f"({'; '.join(f'{k}: {v}' for k, v in summary.left.items())}). It supports "
@@ -135,6 +154,28 @@ def is_optimized(pipe: Any) -> bool:
 
 
 # --- parts ---------------------------------------------------------------------------
+
+def _part_configs(pipe: Any, config: Config, memory_budget: int | str | None,
+                  summary: OptimizeSummary) -> dict[str, Config]:
+    """Each part's config: the UNet's whole, the decoder's without rehash; under a
+    whole-pipeline memory_budget, each with its own activation budget."""
+    configs = {"unet": config, "vae": config.without_rehash()}
+    if memory_budget is None:
+        return configs
+    parts = [name for name in configs if isinstance(getattr(pipe, name, None), torch.nn.Module)]
+    budgets = planner.activation_budgets(pipe, memory_budget, config.free_memory, parts)
+    for name, budget in budgets.items():
+        configs[name] = configs[name].replace(memory_budget=budget)
+        summary.budgets[name] = budget
+        if budget is None:
+            summary.notes.append(f"{name}: memory_budget={memory_budget!r}: no budget on the CPU without "
+                                 f"config.free_memory (the finest default plan)")
+            continue
+        resident, why = planner.resident_during(pipe, name)
+        summary.notes.append(f"{name}: activation budget {budget} bytes = the pipeline's budget less the weights "
+                             f"resident during its calls ({resident} bytes: {why}) and the margin")
+    return configs
+
 
 def _compile_part(name: str, part: Any, config: Config, method: str,
                   summary: OptimizeSummary) -> CompiledModule | None:

@@ -32,7 +32,10 @@ LAYERS = [
     ("program files", ("fmecompile.graph_file", "fmecompile.archive", "fmecompile.compile_cache")),
     ("compiled modules", ("fmecompile.compiled", "fmecompile.backend")),
     ("artifacts", ("fmecompile.artifacts",)),
-    ("api", ("fmecompile.check", "fmecompile.install", "fmecompile.optimize", "fmecompile")),  # the bare package: the public API
+    # The model zoo and the pipelines built from the shipped configs, which fme.plan builds by name.
+    ("models", ("fmecompile.tools.zoo", "fmecompile.tools.pipelines")),
+    ("api", ("fmecompile.check", "fmecompile.install", "fmecompile.planner", "fmecompile.optimize",
+             "fmecompile")),  # the bare package: the public API
     ("tooling", ("fmecompile.tools.*",)),
     ("cli", ("fmecompile.cli",)),
 ]
