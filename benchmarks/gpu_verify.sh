@@ -11,6 +11,15 @@
 # them (the "without CUDA graphs" row), each against stock eager: activation peak, GPU
 # latency, host ms (until the call returns), rel L2; the JSON's report says per graph
 # whether it was captured.
+#
+# Two sections, SECTIONS="models pipelines" by default; on the device they take up to about
+# 9 + 9 minutes, so run them as two calls there: SECTIONS=models, then SECTIONS=pipelines.
+# "pipelines" (issue 23 item 6): whole generations with model CPU offload, 2 steps, random
+# seeded weights from the real configs (benchmarks/pipeline_memory.py): SVD-XT (25 frames,
+# 576x1024, fp16) stock (decode_chunk_size=25) against fme.optimize(pipe), and AnimateDiff
+# (16 frames, 512x512) also against fme.optimize(pipe, memory_budget="6GiB"), the budget
+# `fme plan` says it fits; torch.cuda.max_memory_allocated over each whole generation, the
+# frames' rel L2 against stock (fp16 contract <= 2e-3).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results}
@@ -21,12 +30,16 @@ if [ -d .whl ]; then
     python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . || exit 1
 fi
 export PYTHONUNBUFFERED=1
+SECTIONS=${SECTIONS:-models pipelines}
 if [ "${DRY_RUN:-0}" = 1 ]; then
     tiny=-tiny common="--dtype fp32 --device cpu --repeats 1 --warmup 0"
     svd="--frames 2 --height 64 --width 64" ad="--frames 2 --height 64 --width 64"
+    whole="--tiny --dtype fp32 --device cpu" whole_svd="--frames 2 --height 64 --width 64" whole_ad=$whole_svd
 else
     tiny="" common="--dtype fp16 --device cuda --repeats 3 --warmup 1"
     svd="--frames 14 --height 576 --width 1024" ad="--frames 16 --height 512 --width 512"
+    whole="--dtype fp16 --device cuda" whole_svd="--frames 25 --height 576 --width 1024"
+    whole_ad="--frames 16 --height 512 --width 512"
 fi
 # At most 8 files come back from a device call: the logs share one file.
 step() {  # step NAME SECONDS COMMAND...: runs it with a limit, its output appended to verify.log
@@ -36,14 +49,22 @@ step() {  # step NAME SECONDS COMMAND...: runs it with a limit, its output appen
     timeout "$limit" "$@" >>"$OUT/verify.log" 2>&1
     echo "   exit $? after ${SECONDS}s total" | tee -a "$OUT/verify.log"
 }
-if [ "${DRY_RUN:-0}" != 1 ]; then  # Triton on the real GPU
-    step kernels-tests 60 python3 -m pytest -q tests/test_kernels.py
-    step kernels-bench 60 python3 benchmarks/bench_kernels.py --json "$OUT/kernels-fp16.json"
+if [[ " $SECTIONS " == *" models "* ]]; then
+    if [ "${DRY_RUN:-0}" != 1 ]; then  # Triton on the real GPU
+        step kernels-tests 60 python3 -m pytest -q tests/test_kernels.py
+        step kernels-bench 60 python3 benchmarks/bench_kernels.py --json "$OUT/kernels-fp16.json"
+    fi
+    step svd-unet 200 fme bench --model svd$tiny $svd --batch 2 $common --passes slice,group \
+        --json "$OUT/verify-svd$tiny-b2.json"
+    step svd-vae 90 fme bench --model svd-vae$tiny $svd --batch 1 $common --passes slice,group \
+        --json "$OUT/verify-svd-vae$tiny.json"
+    step animatediff 120 fme bench --model animatediff$tiny $ad --batch 2 $common --passes slice,group \
+        --json "$OUT/verify-animatediff$tiny-b2.json"
 fi
-step svd-unet 200 fme bench --model svd$tiny $svd --batch 2 $common --passes slice,group \
-    --json "$OUT/verify-svd$tiny-b2.json"
-step svd-vae 90 fme bench --model svd-vae$tiny $svd --batch 1 $common --passes slice,group \
-    --json "$OUT/verify-svd-vae$tiny.json"
-step animatediff 120 fme bench --model animatediff$tiny $ad --batch 2 $common --passes slice,group \
-    --json "$OUT/verify-animatediff$tiny-b2.json"
+if [[ " $SECTIONS " == *" pipelines "* ]]; then
+    step pipeline-svd-xt 300 python3 benchmarks/pipeline_memory.py --pipeline svd-xt $whole $whole_svd \
+        --steps 2 --json "$OUT/pipeline-memory-svd-xt$tiny.json"
+    step pipeline-animatediff 240 python3 benchmarks/pipeline_memory.py --pipeline animatediff $whole $whole_ad \
+        --steps 2 --memory-budget 6GiB --json "$OUT/pipeline-memory-animatediff$tiny.json"
+fi
 ls -la "$OUT"
