@@ -47,8 +47,9 @@ from .version import __version__
 FORMAT = "fmecompile-artifact"
 # Bumped whenever the layout of the archive or of the manifest changes. 2: one entry per
 # program (input signature) under "programs"; 3: graphs in graph_file's JSON format;
-# 4: slicer regions stored once, as loops with a body.
-FORMAT_VERSION = 4
+# 4: slicer regions stored once, as loops with a body; 5: a loop's statistics may have a
+# prologue graph (a reader of 4 would take them from the wrong input).
+FORMAT_VERSION = 5
 MANIFEST = "manifest.json"
 
 

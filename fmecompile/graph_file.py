@@ -63,8 +63,10 @@ def _dump_spec(spec: LoopSpec) -> dict[str, Any]:
         "ranges": [list(r) for r in spec.ranges],
         "inputs": spec.inputs,
         "buffers": [{"shape": list(b.shape), "dtype": _encode(b.dtype), "device": str(b.device),
-                     "chunking": _dump_chunking(b.chunking), "reuses": b.reuses} for b in spec.buffers],
-        "moments": [{"input": m.input, "num_groups": m.num_groups, "chunking": _dump_chunking(m.chunking)}
+                     "chunking": _dump_chunking(b.chunking), "reuses": b.reuses, "grows": b.grows,
+                     "may_grow": b.may_grow, "reserve": b.reserve} for b in spec.buffers],
+        "moments": [{"input": m.input, "num_groups": m.num_groups, "chunking": _dump_chunking(m.chunking),
+                     "prologue": None if m.prologue is None else dump_graph(m.prologue)}
                     for m in spec.moments],
         "kind": spec.kind,
     }
@@ -121,7 +123,7 @@ def load_graph(data: dict[str, Any], fake_mode: FakeTensorMode | None = None) ->
         for name, loop in data["loops"].items():
             if not name.isidentifier():
                 raise GraphFormatError(f"a loop is named {name!r}, not an identifier")
-            root.add_module(name, ChunkLoop(load_graph(loop["body"], fake_mode), _load_spec(loop["spec"])))
+            root.add_module(name, ChunkLoop(load_graph(loop["body"], fake_mode), _load_spec(loop["spec"], fake_mode)))
         for entry in data["nodes"]:
             env[entry["name"]] = _rebuild(graph, entry, env, fake_mode, root)
     except (KeyError, TypeError, AttributeError, IndexError, ValueError) as err:
@@ -135,15 +137,18 @@ def load_graph(data: dict[str, Any], fake_mode: FakeTensorMode | None = None) ->
     return fx.GraphModule(root, graph)
 
 
-def _load_spec(data: dict[str, Any]) -> LoopSpec:
+def _load_spec(data: dict[str, Any], fake_mode: FakeTensorMode) -> LoopSpec:
     ints = lambda values: tuple(int(v) for v in values)  # noqa: E731
+    prologue = lambda m: None if m.get("prologue") is None else load_graph(m["prologue"], fake_mode)  # noqa: E731
+    optional = lambda value: None if value is None else int(value)  # noqa: E731
     return LoopSpec(
         ranges=tuple(ints(r) for r in data["ranges"]),
         inputs=int(data["inputs"]),
         buffers=tuple(Buffer(ints(b["shape"]), _decode(b["dtype"], {}), torch.device(b["device"]),
-                             Chunking(*ints(b["chunking"])), None if b["reuses"] is None else int(b["reuses"]))
+                             Chunking(*ints(b["chunking"])), optional(b["reuses"]), bool(b.get("grows", False)),
+                             optional(b.get("may_grow")), int(b.get("reserve", 0)))
                       for b in data["buffers"]),
-        moments=tuple(Moments(int(m["input"]), Chunking(*ints(m["chunking"])), int(m["num_groups"]))
+        moments=tuple(Moments(int(m["input"]), Chunking(*ints(m["chunking"])), int(m["num_groups"]), prologue(m))
                       for m in data["moments"]),
         kind=str(data["kind"]))
 

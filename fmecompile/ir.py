@@ -18,6 +18,7 @@ A canonical graph is an aten-level `torch.fx.GraphModule` (pre-dispatch aten:
 from __future__ import annotations
 
 import copy
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -132,9 +133,33 @@ def _count_launches(gm: fx.GraphModule, times: int, counts: dict[str, int]) -> N
         if loop is not None:
             chunks = len(loop.spec.ranges)
             counts["fused"] += times * len(loop.spec.moments) * (chunks + 1)  # gn_moments per chunk, merge
-            _count_launches(loop.body, times * chunks, counts)
+            for graph_module in [loop.body, *loop.prologues()]:
+                _count_launches(graph_module, times * chunks, counts)
         elif node.op == "call_function" and (kind := launch_kind(node.target)) is not None:
             counts[kind] += times
+
+
+def flops(gm: fx.GraphModule) -> int:
+    """Floating-point operations of one call, by torch.utils.flop_counter's formulas
+    (convolutions, matmuls, attention) on the recorded shapes; a loop's body and prologues
+    count once per chunk, scaled from the first chunk's shapes to the loop's whole extent
+    (the counted ops are linear in the chunk's length), so recomputation shows."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    total = 0
+    for node in gm.graph.nodes:
+        loop = loop_of(node)
+        if loop is not None:
+            lengths = [length for _, length in loop.spec.ranges]
+            total += sum(flops(g) for g in [loop.body, *loop.prologues()]) * sum(lengths) // lengths[0]
+        elif node.op == "call_function" and launch_kind(node.target) == "compute":
+            # run on the recorded fake values: the counter sees the op as it dispatches
+            value = lambda a: a.meta.get(VALUE) if isinstance(a, fx.Node) else a  # noqa: E731
+            args, kwargs = fx.node.map_aggregate((node.args, node.kwargs), value)
+            with FlopCounterMode(display=False) as counter:
+                node.target(*args, **kwargs)
+            total += counter.get_total_flops()
+    return total
 
 
 def launch_kind(target: Any) -> str | None:
@@ -160,12 +185,13 @@ def node_count(gm: fx.GraphModule) -> int:
 
 
 def loop_bodies(gm: fx.GraphModule) -> list[fx.GraphModule]:
-    """The bodies of the graph's loops, and of loops inside them, outermost first."""
+    """The bodies of the graph's loops (each followed by its prologues), and of loops
+    inside them, outermost first."""
     bodies = []
     for node in gm.graph.nodes:
         loop = loop_of(node)
         if loop is not None:
-            bodies += [loop.body, *loop_bodies(loop.body)]
+            bodies += [loop.body, *loop.prologues(), *loop_bodies(loop.body)]
     return bodies
 
 
@@ -204,7 +230,10 @@ def copy_with_map(gm: fx.GraphModule) -> tuple[fx.GraphModule, dict[fx.Node, fx.
     for node in graph.nodes:  # a loop's body is part of the graph: copied, not shared
         loop = loop_of(node)
         if loop is not None:
-            result.add_submodule(node.target, ChunkLoop(copy_graph_module(loop.body), loop.spec))
+            moments = tuple(m if m.prologue is None else dataclasses.replace(m, prologue=copy_graph_module(m.prologue))
+                            for m in loop.spec.moments)
+            spec = dataclasses.replace(loop.spec, moments=moments)
+            result.add_submodule(node.target, ChunkLoop(copy_graph_module(loop.body), spec))
     return result, val_map
 
 
@@ -227,7 +256,7 @@ class _MetaProp(FakeTensorProp):
         module = self.fetch_attr(target)
         if not isinstance(module, ChunkLoop):
             return super().call_module(target, args, kwargs)
-        return module.run(args, first=lambda *chunk: _MetaProp(module.body, self._mode).run(*chunk))
+        return module.run(args, first=lambda graph, *chunk: _MetaProp(graph, self._mode).run(*chunk))
 
 
 # --- checking --------------------------------------------------------------------------

@@ -78,20 +78,27 @@ def simulate(nodes: list[fx.Node], *, preloaded: Iterable[tuple[Storage, int]] =
 
 def loop_transient(node: fx.Node) -> int:
     """What a loop node holds while it runs beyond its inputs and outputs: its
-    normalizations' statistics and the peak of one (the first, longest) chunk's values."""
+    normalizations' statistics and the peak of one (the first, longest) chunk's values,
+    in the body or in a prologue (which all run before the body)."""
     loop = loop_of(node)
     if loop is None:
         return 0
     statistics = sum(size for p in loop.placeholders()["moments"] for _, size in storages(p))
-    return statistics + body_walk(node).peak
+    prologues = [_placeholders_owned_walk(p) for p in loop.prologues()]
+    return statistics + max([body_walk(node).peak, *(w.peak for w in prologues)])
 
 
 def body_walk(node: fx.Node) -> Walk:
     """The simulation of a loop node's body for one chunk: its placeholders (the loop's
     inputs, statistics and buffers) are the loop's, counted outside."""
-    loop = loop_of(node)
-    owned = {s for p in sum(loop.placeholders().values(), []) for s, _ in storages(p)}
-    return simulate(list(loop.body.graph.nodes), pinned=owned, uncounted=owned)
+    return _placeholders_owned_walk(loop_of(node).body)
+
+
+def _placeholders_owned_walk(graph_module: fx.GraphModule) -> Walk:
+    """The simulation of a body or prologue whose placeholders are counted outside it."""
+    nodes = list(graph_module.graph.nodes)
+    owned = {s for p in nodes if p.op == "placeholder" for s, _ in storages(p)}
+    return simulate(nodes, pinned=owned, uncounted=owned)
 
 
 def _last_use(nodes: list[fx.Node]) -> dict[Storage, int]:

@@ -23,6 +23,7 @@ pass (see manager.run_passes).
 """
 from __future__ import annotations
 
+import math
 import operator
 from typing import Any
 
@@ -92,7 +93,7 @@ def _check_loop(loop: ChunkLoop, name: str) -> int:
         _check_coverage(spans, write, name)
         reuses = loop.spec.buffers[position].reuses
         storage = [buffer] if reuses is None else [buffer, roles["inputs"][reuses]]
-        _check_body_reads(loop, storage, write, spans, alias, name)
+        _check_body_reads(loop, storage, write, spans, alias, name, loop.spec.buffers[position].grows)
     return len(buffers)
 
 
@@ -171,9 +172,11 @@ def _check_coverage(spans: list[tuple[int, int, int]], write: fx.Node, name: str
 
 
 def _check_body_reads(loop: ChunkLoop, storage: list[fx.Node], write: fx.Node,
-                      spans: list[tuple[int, int, int]], alias: dict[fx.Node, fx.Node], name: str) -> None:
+                      spans: list[tuple[int, int, int]], alias: dict[fx.Node, fx.Node], name: str,
+                      grows: bool = False) -> None:
     """In the body, the buffer's storage is touched only by its write and, where it is a
-    reused input, by reads of the chunk being written, before the write."""
+    reused input, by reads of the chunk being written, before the write (of the same
+    chunk of the axis, where the output grows into the input: _check_grown_read)."""
     order = {n: i for i, n in enumerate(loop.body.graph.nodes)}
     classes = {alias[n] for n in storage}
     sharing = [n for n in loop.body.graph.nodes if alias[n] in classes]
@@ -190,7 +193,8 @@ def _check_body_reads(loop: ChunkLoop, storage: list[fx.Node], write: fx.Node,
             if fresh:
                 raise LoopCheckError(f"{name}: {user.name} reads loop buffer {storage[0].name} before its "
                                      f"last write", broken=True)
-            _check_reused_read(loop, user, ranges.get(node), write, spans, order[user] < order[write], name)
+            check = _check_grown_read if grows else _check_reused_read
+            check(loop, user, ranges.get(node), write, spans, order[user] < order[write], name)
 
 
 def _read_ranges(sharing: list[fx.Node], source: fx.Node) -> dict[fx.Node, fx.Node]:
@@ -225,6 +229,26 @@ def _check_reused_read(loop: ChunkLoop, user: fx.Node, narrow: fx.Node | None, w
         if (read_start, read_stop) != (start, stop) or not before:
             raise LoopCheckError(f"{name}: {user.name} reads rows [{read_start}, {read_stop}) of an input "
                                  f"the loop overwrote, at rows [{start}, {stop})", broken=True)
+
+
+def _check_grown_read(loop: ChunkLoop, user: fx.Node, narrow: fx.Node | None, write: fx.Node,
+                      spans: list, before: bool, name: str) -> None:
+    """A loop whose output grows into its input (slice/grow.py) may read, at each chunk,
+    that chunk of the axis only, before writing: the input's rows in proportion to the
+    output's, each a contiguous run of memory (no split view; the chunked dim the first
+    of size > 1 in both, as loop._allocate's storage placement needs)."""
+    if narrow is None or _coords(narrow)[0] is not None or _coords(write.args[0])[0] is not None:
+        raise LoopCheckError(f"{name}: {user.name} reads an input the loop grows into other than by "
+                             f"chunks of its outer dim", broken=True)
+    source, buffer = narrow.args[0].meta.get("val"), write.args[0].args[0].meta.get("val")
+    rows_in, rows_out = source.shape[narrow.args[1]], buffer.shape[write.args[0].args[1]]
+    if math.prod(source.shape[:narrow.args[1]]) != 1 or math.prod(buffer.shape[:write.args[0].args[1]]) != 1:
+        raise LoopCheckError(f"{name}: the loop grows into an input whose chunks are not contiguous", broken=True)
+    for names, (_, start, stop) in zip(_chunks(loop), spans):
+        _, read_start, read_stop = _span(narrow, names, f"{name}: read {user.name}")
+        if read_start * rows_out != start * rows_in or read_stop * rows_out != stop * rows_in or not before:
+            raise LoopCheckError(f"{name}: {user.name} reads rows [{read_start}, {read_stop}) of an input "
+                                 f"the loop grows into, at output rows [{start}, {stop})", broken=True)
 
 
 def _check_reused_after(node: fx.Node, loop: ChunkLoop) -> None:

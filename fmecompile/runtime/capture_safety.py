@@ -59,9 +59,12 @@ def capture_obstacles(gm: fx.GraphModule, prefix: str = "", on_gpu: bool | None 
     found = []
     for node in gm.graph.nodes:
         if node.op == "call_module":
-            body = getattr(gm.get_submodule(str(node.target)), "body", None)
+            loop = gm.get_submodule(str(node.target))
+            body = getattr(loop, "body", None)
             if isinstance(body, fx.GraphModule):
                 found += capture_obstacles(body, f"{prefix}{node.target}/", on_gpu)
+            for index, prologue in enumerate(getattr(loop, "prologues", list)()):
+                found += capture_obstacles(prologue, f"{prefix}{node.target}/prologue_{index}/", on_gpu)
         elif node.op in ("call_function", "call_method"):
             reason = _reason(node, on_gpu)
             if reason is not None:

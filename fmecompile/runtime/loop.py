@@ -14,7 +14,10 @@ are all one length keeps them as constants.
 The loop allocates the buffers it returns (or writes an output into the storage of an
 input that dies in the loop: `Buffer.reuses`), takes each normalization's statistics
 over all chunks of its input first (fme::gn_moments per chunk, fme::merge_moments), then
-runs the body over the schedule. Under fake tensors (meta refresh) the body runs once per
+runs the body over the schedule. A normalization whose input the body itself computes
+has a prologue: a graph of the body's ops up to that input, run once per chunk before
+the body runs at all, for its statistics only (the value is computed twice, and never
+exists whole). Under fake tensors (meta refresh) the body runs once per
 distinct chunk length: every shape is checked, no chunk's work is repeated.
 """
 from __future__ import annotations
@@ -22,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -45,22 +49,34 @@ class Chunking:
 @dataclass(frozen=True)
 class Buffer:
     """An output of the loop: a new tensor, or the storage of input `reuses`; the body
-    writes chunk [start, start + length) of its axis at `chunking`."""
+    writes chunk [start, start + length) of its axis at `chunking`.
+
+    Growing (an upsampling loop): with `grows`, the output is larger than input `reuses`
+    and fills the storage that holds that input at its end, from the start; a loop
+    buffer with `reserve` elements is such a storage (the buffer is its last elements).
+    `may_grow`: an input the output could grow into (cost.reusable_inputs), for grow.py."""
 
     shape: tuple[int, ...]
     dtype: torch.dtype
     device: torch.device
     chunking: Chunking
     reuses: int | None = None
+    grows: bool = False
+    may_grow: int | None = None
+    reserve: int = 0
 
 
 @dataclass(frozen=True)
 class Moments:
-    """A two-phase GroupNorm's statistics, over every chunk of loop input `input`."""
+    """A two-phase GroupNorm's statistics, over every chunk of loop input `input`, or,
+    with a `prologue`, of the value it computes per chunk: a graph taking (start, length,
+    the loop's inputs, the statistics of the moments before this one) and returning that
+    chunk of the normalization's input (`input` is then -1)."""
 
     input: int
     chunking: Chunking
     num_groups: int
+    prologue: fx.GraphModule | None = None
 
 
 @dataclass(frozen=True)
@@ -92,28 +108,46 @@ class ChunkLoop(torch.nn.Module):
 
     def run(self, inputs: tuple, first: Callable[..., Any] | None = None,
             runner: Callable[..., Any] | None = None) -> tuple[torch.Tensor, ...]:
-        """The loop; `first` (if given) runs the body for the first chunk instead of it
-        (the meta refresh records the body's values there), `runner` (if given) runs the
-        body (`runner(body, *placeholders)`; sharded.py interprets a batch loop's body).
-        Under a parallel run (distributed.py) this rank runs its share of the chunks and
-        receives the rest."""
+        """The loop; `first` (if given) runs the body for the first chunk instead of it,
+        and each prologue there too (`first(graph, *placeholders)`: the meta refresh
+        records the values there), `runner` (if given) runs the body (`runner(body,
+        *placeholders)`; sharded.py interprets a batch loop's body). Under a parallel run
+        (distributed.py) this rank runs its share of the chunks and receives the rest."""
         spec = self.spec
-        moments = [_moments(inputs[m.input], m, spec.ranges) for m in spec.moments]
-        buffers = [inputs[b.reuses] if b.reuses is not None
-                   else torch.empty(b.shape, dtype=b.dtype, device=b.device) for b in spec.buffers]
+        moments = self.statistics(inputs, first)
+        buffers = [_allocate(b, inputs) for b in spec.buffers]
         share = None if first is not None else sharing(spec.kind, spec.ranges)
         for index, (start, length) in enumerate(self.schedule(inputs)):
             if share is not None and not share.mine(index):
                 continue
-            body = first if first is not None and index == 0 else self.body
             with share.inside(index) if share is not None else contextlib.nullcontext():
-                if runner is None:
-                    body(start, length, *inputs, *moments, *buffers)
+                if first is not None and index == 0:
+                    first(self.body, start, length, *inputs, *moments, *buffers)
+                elif runner is None:
+                    self.body(start, length, *inputs, *moments, *buffers)
                 else:
-                    runner(body, start, length, *inputs, *moments, *buffers)
+                    runner(self.body, start, length, *inputs, *moments, *buffers)
         if share is not None:
             share.share_outputs(buffers, [functools.partial(self._chunk_of, b.chunking) for b in spec.buffers])
         return tuple(buffers)
+
+    def statistics(self, inputs: tuple, first: Callable[..., Any] | None = None) -> list[torch.Tensor]:
+        """Each two-phase normalization's moments, in order (a prologue may use earlier ones)."""
+        moments: list[torch.Tensor] = []
+        for m in self.spec.moments:
+            if m.prologue is None:
+                parts = [torch.ops.fme.gn_moments(take(inputs[m.input], m.chunking, start, length), m.num_groups)
+                         for start, length in self.spec.ranges]
+            else:
+                parts = []
+                for index, (start, length) in enumerate(self.schedule(inputs)):
+                    run = functools.partial(first, m.prologue) if first is not None and index == 0 else m.prologue
+                    parts.append(torch.ops.fme.gn_moments(run(start, length, *inputs, *moments), m.num_groups))
+            moments.append(torch.ops.fme.merge_moments(parts))
+        return moments
+
+    def prologues(self) -> list[fx.GraphModule]:
+        return [m.prologue for m in self.spec.moments if m.prologue is not None]
 
     def _chunk_of(self, chunking: Chunking, buffer: torch.Tensor, index: int) -> torch.Tensor:
         start, length = self.spec.ranges[index]
@@ -143,20 +177,26 @@ def drop_unused_inputs(node: fx.Node) -> int:
     from the body and the loop node; returns how many."""
     loop = loop_of(node)
     inputs = loop.placeholders()["inputs"]
-    unused = [i for i, p in enumerate(inputs) if not p.users]
+    # the inputs of each prologue, in the same order after its start and length
+    prologue_inputs = [[n for n in p.graph.nodes if n.op == "placeholder"][2:2 + len(inputs)]
+                       for p in loop.prologues()]
+    unused = [i for i, p in enumerate(inputs)
+              if not p.users and not any(pi[i].users for pi in prologue_inputs)]
     if not unused:
         return 0
     kept = [i for i in range(len(inputs)) if i not in unused]
     new_index = {old: new for new, old in enumerate(kept)}
-    for i in unused:
-        loop.body.graph.erase_node(inputs[i])
-    loop.body.recompile()
+    for graph_module, placeholders in [(loop.body, inputs), *zip(loop.prologues(), prologue_inputs)]:
+        for i in unused:
+            graph_module.graph.erase_node(placeholders[i])
+        graph_module.recompile()
     spec = loop.spec
     loop.spec = dataclasses.replace(
         spec, inputs=len(kept),
-        buffers=tuple(dataclasses.replace(b, reuses=None if b.reuses is None else new_index[b.reuses])
-                      for b in spec.buffers),
-        moments=tuple(dataclasses.replace(m, input=new_index[m.input]) for m in spec.moments))
+        buffers=tuple(dataclasses.replace(b, reuses=None if b.reuses is None else new_index[b.reuses],
+                                          may_grow=new_index.get(b.may_grow)) for b in spec.buffers),
+        moments=tuple(dataclasses.replace(m, input=m.input if m.prologue is not None else new_index[m.input])
+                      for m in spec.moments))
     node.args = tuple(node.args[i] for i in kept)
     return len(unused)
 
@@ -189,7 +229,23 @@ def chunk_view(x: torch.Tensor, chunking: Chunking, start: int, length: int) -> 
     return split.narrow(c.dim + 1, start * c.inner, length * c.inner)
 
 
-def _moments(x: torch.Tensor, moments: Moments, ranges: tuple[tuple[int, int], ...]) -> torch.Tensor:
-    parts = [torch.ops.fme.gn_moments(take(x, moments.chunking, start, length), moments.num_groups)
-             for start, length in ranges]
-    return torch.ops.fme.merge_moments(parts)
+def _allocate(b: Buffer, inputs: tuple) -> torch.Tensor:
+    if b.reuses is not None and not b.grows:
+        return inputs[b.reuses]
+    if b.grows:  # the input's storage, from its start, if it holds the input at its end
+        x, numel = inputs[b.reuses], math.prod(b.shape)
+        elements = x.untyped_storage().nbytes() // x.element_size()
+        if x.dtype == b.dtype and x.is_contiguous() and elements >= numel and x.storage_offset() + x.numel() == elements:
+            return torch.as_strided(x, b.shape, _contiguous_strides(b.shape), elements - numel)
+    if b.reserve:
+        numel = math.prod(b.shape)
+        return torch.empty(b.reserve, dtype=b.dtype, device=b.device).narrow(0, b.reserve - numel, numel).view(b.shape)
+    return torch.empty(b.shape, dtype=b.dtype, device=b.device)
+
+
+def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= max(size, 1)
+    return tuple(reversed(strides))

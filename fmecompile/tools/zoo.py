@@ -4,7 +4,8 @@ downloaded.
 
 Names: "svd", "svd-xt" (UNetSpatioTemporalConditionModel), "animatediff" (UNetMotionModel
 from SD 1.5 and the v1-5-2 motion adapter), "svd-vae" (AutoencoderKLTemporalDecoder; the
-compiled entry point is `vae.decode`). Append "-tiny" for a small variant of the same
+compiled entry point is `vae.decode`), "animatediff-vae" (the SD 1.5 AutoencoderKL that
+AnimateDiff decodes with, frames as its batch; entry `vae.decode`). Append "-tiny" for a small variant of the same
 classes and block structure (narrow channels, one layer per block) for CPU tests.
 """
 from __future__ import annotations
@@ -64,6 +65,9 @@ MODELS: dict[str, ModelEntry] = {
     "svd-vae": ModelEntry("svd-vae", "Stable Video Diffusion temporal VAE decoder", 14, 576, 1024,
                           3, 64, 64, "decode",
                           dict(block_out_channels=[32, 32, 64, 64], layers_per_block=1)),
+    "animatediff-vae": ModelEntry("animatediff-vae", "AnimateDiff's SD 1.5 VAE decoder (all frames in one call)",
+                                  16, 512, 512, 3, 64, 64, "decode",
+                                  dict(block_out_channels=[32, 32, 64, 64], layers_per_block=1)),
 }
 
 
@@ -133,6 +137,8 @@ def example_inputs(name: str, *, batch: int = 1, frames: int | None = None, heig
         return dict(sample=randn(batch, 4, frames, h, w),
                     timestep=torch.tensor(500.0, device=device),
                     encoder_hidden_states=randn(batch * frames, 77, cross))
+    if entry.name == "animatediff-vae":  # the pipeline decodes (batch * frames, 4, h, w) at once
+        return dict(z=randn(batch * frames, load_config("sd15_vae_config.json")["latent_channels"], h, w))
     latent_channels = load_config("svd_vae_config.json")["latent_channels"]
     return dict(z=randn(batch * frames, latent_channels, h, w), num_frames=frames)
 
@@ -180,11 +186,19 @@ def _build_svd_vae(entry: ModelEntry, tiny: bool) -> torch.nn.Module:
     return AutoencoderKLTemporalDecoder(**{**load_config("svd_vae_config.json"), **overrides})
 
 
+def _build_animatediff_vae(entry: ModelEntry, tiny: bool) -> torch.nn.Module:
+    from diffusers import AutoencoderKL
+
+    overrides = entry.tiny_overrides if tiny else {}
+    return AutoencoderKL(**{**load_config("sd15_vae_config.json"), **overrides})
+
+
 _BUILDERS: dict[str, Callable[[ModelEntry, bool], torch.nn.Module]] = {
     "svd": _build_svd,
     "svd-xt": _build_svd,
     "animatediff": _build_animatediff,
     "svd-vae": _build_svd_vae,
+    "animatediff-vae": _build_animatediff_vae,
 }
 
 

@@ -8,7 +8,8 @@ the peak (descending into the loops the peak falls in) and gives it the fewest c
 whose saving (Region.score) covers the excess: each loop multiplies its region's launches
 by its chunk count, so the fewest chunks that fit are the fewest launches for the bytes
 needed, and regions never live at a peak stay unsliced. Once the plan fits, each loop is
-made coarser while it still fits (_coarsen). Where that region cannot save more
+made coarser while it still fits (_coarsen). Only a budget the default plan cannot meet
+lets loops go finer than it (up to MAX_BUDGET_CHUNKS). Where that region cannot save more
 (at its finest, or the peak is outside every frame and pixel region), the batch loop takes
 the next count that divides the batch; it repeats the whole model's launches, so it comes
 last. Kinds whose count the config fixes keep it. If nothing can be refined and the peak
@@ -34,6 +35,7 @@ from .plan import Key, SlicePlan, apply_plan, fixed_count, fixed_count_of_kind, 
 from .regions import BATCH, Region
 
 CHUNK_LADDER = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128)
+MAX_BUDGET_CHUNKS = 32
 # memory_budget="auto" leaves this share of the free memory, and this many bytes more, to
 # what the liveness profile does not see: the allocator's fragmentation, kernel workspaces
 # (cuBLAS, cuDNN, attention), the CUDA graph pool and other processes' growth.
@@ -70,10 +72,13 @@ def plan_counts(gm: fx.GraphModule, plan: SlicePlan, config: Config) -> tuple[di
     budget = config.memory_budget
     regions = plan.regions()
     counts = {key: fixed_count_of_kind(config, r.kind) or 1 for key, r in regions.items()}
-    # Planned counts go no finer than the default plan's (the finest): no plan launches more.
+    # Planned counts go no finer than the default plan's (the finest): no plan launches more,
+    # unless even that plan does not fit; then frame and pixel loops may take up to
+    # MAX_BUDGET_CHUNKS chunks.
     finest = config.replace(memory_budget=None)
     limits = {key: fixed_count(finest, r) for key, r in regions.items() if fixed_count_of_kind(config, r.kind) is None}
     tries: list[dict[str, Any]] = []
+    finest_peak = None
     while True:
         trial = _trial(gm, plan, counts)
         tries.append({"predicted_peak_bytes": trial.peak, "loops": len(trial.chunks), "launches": trial.launches,
@@ -84,18 +89,28 @@ def plan_counts(gm: fx.GraphModule, plan: SlicePlan, config: Config) -> tuple[di
         if len(tries) == 1:  # can the finest plan fit at all? (else the search would walk to it)
             finest_peak = _trial(gm, plan, {**counts, **limits}).peak
             tries.append({"predicted_peak_bytes": finest_peak, "finest": True})
+            if finest_peak > budget:  # only then may loops go finer than the default plan's
+                limits = {key: max(n, min(regions[key].extent, MAX_BUDGET_CHUNKS)) if regions[key].kind != BATCH
+                          else n for key, n in limits.items()}
+                finest_peak = _trial(gm, plan, {**counts, **limits}).peak
+                tries.append({"predicted_peak_bytes": finest_peak, "finest": True, "beyond_default": True})
             if finest_peak > budget:
                 break
         move = _best_move(regions, limits, counts, trial, trial.peak - budget)
-        if move is None:
+        if move is None:  # stuck (the peak moved where no region can refine it): start from the finest
+            if finest_peak <= budget and counts != {**counts, **limits}:
+                counts.update(limits)
+                continue
             break
         counts[move[0]] = move[1]
     smallest = min(t["predicted_peak_bytes"] for t in tries)
-    raise ConfigError(
+    error = ConfigError(
         f"memory_budget={budget} bytes cannot be met: the smallest activation peak the slicer "
         f"can reach for these inputs is about {smallest} bytes. Raise the budget, or lower the "
         f"batch, frame count or resolution."
     )
+    error.smallest_peak = smallest  # for a caller that asks for the lowest budget
+    raise error
 
 
 def _coarsen(gm: fx.GraphModule, plan: SlicePlan, counts: dict[Key, int], fitting: "Trial", budget: int,

@@ -10,7 +10,9 @@ is written into the input's own storage instead (chunk i of the output lands whe
 i of the input was, after the chunk has read it): the boundary between a spatial and a
 temporal layer then holds two whole tensors, not three. A normalization that reduces
 over the chunked axis is split in two: the loop takes its statistics over all chunks of
-its input first, and the body normalizes each chunk with them (fme::gn_apply).
+its input first, and the body normalizes each chunk with them (fme::gn_apply). Where the
+region computes that input itself, the statistics come from a prologue: the body's ops
+up to the input, emitted again into a graph of their own (loop.py runs it first).
 
 In the graph the region becomes one `call_module` node and a getitem per output; the
 graph's other ops that sat between the region's ops and read its outputs move after it.
@@ -140,8 +142,11 @@ def emit_region(region: Region, chunks: int, tag: Any = None, ranks: int = 1) ->
     members = set(nodes)
     ranges = chunk_ranges(region.extent, chunks, ranks)
     reused = reusable_inputs(region.nodes, region.slicings, region.outputs, position, alias_class)
+    growable = {out: inp for out, inp in reusable_inputs(region.nodes, region.slicings, region.outputs, position,
+                                                          alias_class, grow=True).items()
+                if out not in reused and inp not in reused.values()}
     inputs = list(dict.fromkeys(i for n in nodes for i in n.all_input_nodes if i not in members))
-    body, copies, spec = _body(region, nodes, inputs, ranges, reused, tag)
+    body, copies, spec = _body(region, nodes, inputs, ranges, reused, tag, growable)
     owner = graph.owning_module
     name = next(f"loop_{i}" for i in itertools.count() if not hasattr(owner, f"loop_{i}"))
     owner.add_submodule(name, ChunkLoop(body, spec))
@@ -162,9 +167,10 @@ def emit_region(region: Region, chunks: int, tag: Any = None, ranks: int = 1) ->
 
 
 def _body(region: Region, nodes: list[fx.Node], inputs: list[fx.Node], ranges: list[tuple[int, int]],
-          reused: dict[fx.Node, fx.Node], tag: Any) -> tuple[fx.GraphModule, dict[fx.Node, fx.Node], LoopSpec]:
+          reused: dict[fx.Node, fx.Node], tag: Any,
+          growable: dict[fx.Node, fx.Node]) -> tuple[fx.GraphModule, dict[fx.Node, fx.Node], LoopSpec]:
     """The loop's body graph (see loop.py), the copy of each region node in it, and the
-    loop's spec."""
+    loop's spec (`growable`: outputs that may grow into an input, Buffer.may_grow)."""
     graph = fx.Graph()
     start = graph.placeholder(START)
     length = graph.placeholder(LENGTH)
@@ -174,6 +180,8 @@ def _body(region: Region, nodes: list[fx.Node], inputs: list[fx.Node], ranges: l
         placeholder.meta[VALUE] = node.meta.get(VALUE)
     norms = [n for n in nodes if region.slicings[n].two_phase]
     moments = {norm: graph.placeholder(f"moments_{norm.name}") for norm in norms}
+    prologues = {norm: _prologue(region, nodes, inputs, norms[:k], norm.args[0], ranges, tag)
+                 for k, norm in enumerate(norms) if norm.args[0] in region.slicings}
     buffers = [graph.placeholder(f"buffer_{out.name}") for out in region.outputs]
     for out, buffer in zip(region.outputs, buffers):
         buffer.meta[VALUE] = reused.get(out, out).meta[VALUE]
@@ -193,11 +201,46 @@ def _body(region: Region, nodes: list[fx.Node], inputs: list[fx.Node], ranges: l
         ranges=tuple(ranges), inputs=len(inputs),
         buffers=tuple(Buffer(_shape(out), out.meta[VALUE].dtype, out.meta[VALUE].device,
                              _chunking(region.slicings[out].outputs[0]),
-                             index[reused[out]] if out in reused else None) for out in region.outputs),
-        moments=tuple(Moments(index[norm.args[0]], _chunking(region.slicings[norm].inputs[0]), norm.args[1])
+                             index[reused[out]] if out in reused else None,
+                             may_grow=index[growable[out]] if out in growable else None) for out in region.outputs),
+        moments=tuple(Moments(-1 if norm in prologues else index[norm.args[0]],
+                              _chunking(region.slicings[norm].inputs[0]), norm.args[1], prologues.get(norm))
                       for norm in norms),
         kind=region.kind)
     return fx.GraphModule(torch.nn.Module(), graph), {node: env[node] for node in nodes}, spec
+
+
+def _prologue(region: Region, nodes: list[fx.Node], inputs: list[fx.Node], earlier: list[fx.Node],
+              value: fx.Node, ranges: list[tuple[int, int]], tag: Any) -> fx.GraphModule:
+    """A graph (start, length, the loop's inputs, the moments of the `earlier` norms) ->
+    the chunk of `value`, a region node: the region's ops `value` depends on, emitted as
+    in the body."""
+    needed, stack = set(), [value]
+    while stack:
+        node = stack.pop()
+        if node in needed:
+            continue
+        needed.add(node)
+        stack.extend(i for i in node.all_input_nodes if i in region.slicings)
+    graph = fx.Graph()
+    start, length = graph.placeholder(START), graph.placeholder(LENGTH)
+    start.meta[VALUE], length.meta[VALUE] = ranges[0]
+    env: dict[fx.Node, fx.Node] = {}
+    for node in inputs:
+        env[node] = graph.placeholder(node.name)
+        env[node].meta[VALUE] = node.meta.get(VALUE)
+    moments = {norm: graph.placeholder(f"moments_{norm.name}") for norm in earlier}
+    graph.output(None)
+    uniform = len({n for _, n in ranges}) == 1
+    emit = Emitter(graph, start, ranges[0][1] if uniform else length)
+    slices: dict = {}
+    for node in nodes:
+        if node in needed:
+            env[node] = _emit_chunk_node(emit, node, region, env, slices, moments)
+    graph.output_node().args = (env[value],)
+    for node in emit.created:
+        node.meta[REGION] = tag
+    return fx.GraphModule(torch.nn.Module(), graph)
 
 
 def _chunking(loc: Location) -> Chunking:

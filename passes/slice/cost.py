@@ -7,6 +7,7 @@ and the intermediates of one chunk at a time.
 """
 from __future__ import annotations
 
+import math
 from collections import Counter
 from dataclasses import dataclass
 from typing import Callable
@@ -48,7 +49,7 @@ def region_cost(nodes: list[fx.Node], inputs: list[fx.Node], outputs: list[fx.No
 
 def reusable_inputs(nodes: list[fx.Node], slicings: dict[fx.Node, Slicing], outputs: list[fx.Node],
                     position: dict[fx.Node, int],
-                    class_of: Callable[[fx.Node], frozenset[fx.Node]]) -> dict[fx.Node, fx.Node]:
+                    class_of: Callable[[fx.Node], frozenset[fx.Node]], grow: bool = False) -> dict[fx.Node, fx.Node]:
     """For outputs of the region that can be written into one of its inputs, that input.
 
     Legal when the input's storage is an intermediate (no graph input, weight or constant)
@@ -56,6 +57,10 @@ def reusable_inputs(nodes: list[fx.Node], slicings: dict[fx.Node, Slicing], outp
     it through that one node only, always at the chunk it is computing, with the output's
     shape, dtype and chunk location, and the output does not itself alias it. Then chunk i
     of the output overwrites exactly chunk i of the input, which no later chunk reads.
+    With `grow`, the output may instead be larger than the input per unit of the axis
+    (an upsampling): both contiguous with the axis outermost, same dtype. Written from the
+    start of a storage that holds the input at its end, chunk i of the output then ends
+    at or before where chunk i + 1 of the input begins (grow.py makes that storage).
     Storage sharing is judged conservatively: `class_of` gives the nodes that may share a
     node's storage (liveness.alias_class, or liveness.class_lookup for many regions of one
     graph); `position` is each node's index in the graph as it is now."""
@@ -73,8 +78,10 @@ def reusable_inputs(nodes: list[fx.Node], slicings: dict[fx.Node, Slicing], outp
         val, loc = out.meta["val"], slicings[out].outputs[0]
         for inp, locs in reads.items():
             aliases = classes[inp]
-            if (read_classes[aliases] > 1 or inp in reused.values() or locs != {loc} or out in aliases
-                    or inp.meta["val"].shape != val.shape or inp.meta["val"].dtype != val.dtype):
+            fits = _grows_into(inp.meta["val"], next(iter(locs)), val, loc) if grow and len(locs) == 1 \
+                else locs == {loc} and inp.meta["val"].shape == val.shape
+            if (read_classes[aliases] > 1 or inp in reused.values() or not fits or out in aliases
+                    or inp.meta["val"].dtype != val.dtype):
                 continue
             if any(a.op in ("placeholder", "get_attr", "output") for a in aliases):
                 continue
@@ -83,6 +90,18 @@ def reusable_inputs(nodes: list[fx.Node], slicings: dict[fx.Node, Slicing], outp
             reused[out] = inp
             break
     return reused
+
+
+def _grows_into(x: torch.Tensor, x_loc: Location | None, y: torch.Tensor, y_loc: Location) -> bool:
+    """Whether chunks of y, written in order from the start of a storage holding x at its
+    end, never overwrite a chunk of x not yet read: each is one contiguous run of bytes
+    (the axis outermost; grow.py checks that x is contiguous, once the loops are emitted
+    and their values known), and a unit of the axis is no smaller in y."""
+    if x_loc is None or x_loc.outer != 1 or y_loc.outer != 1 or x_loc.extent != y_loc.extent:
+        return False
+    if math.prod(x.shape[:x_loc.dim]) != 1 or math.prod(y.shape[:y_loc.dim]) != 1:
+        return False
+    return y.numel() > x.numel()
 
 
 def nbytes(node: fx.Node) -> int:

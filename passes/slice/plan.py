@@ -18,6 +18,7 @@ from ..liveness import class_lookup, may_alias_classes, predicted_peak
 from .analysis import analyze
 from .axes import AxisAnalysis
 from .codegen import emit_region
+from .grow import grow_into_inputs
 from .regions import (BATCH, SPATIAL, TEMPORAL, Region, batch_candidates, find_regions,
                       full_dim_candidates, rebuild)
 
@@ -49,15 +50,19 @@ class Applied:
     """What applying a plan did: one record per emitted loop."""
 
     records: list[dict[str, Any]] = field(default_factory=list)
+    grown: int = 0  # upsampling loops that grow into their input's storage (grow.py)
 
 
-def find_plan(gm: fx.GraphModule, config: Config) -> SlicePlan:
+def find_plan(gm: fx.GraphModule, config: Config, recompute: bool = False) -> SlicePlan:
+    """The plan's regions; with `recompute`, frame and pixel regions also merge across
+    two-phase normalizations (regions.py)."""
     before = predicted_peak(gm)
     planned = {kind: fixed_count_of_kind(config, kind) or (1 << 30) for kind in (BATCH, SPATIAL, TEMPORAL)}
     worth = lambda region: region.score(planned[region.kind]) >= MIN_SAVING * before
     analysis = analyze(gm)
     batch = [r for r in find_regions(gm, analysis, lambda n: batch_candidates(n, analysis), planned) if worth(r)]
-    inner = find_regions(gm, analysis, lambda n: full_dim_candidates(n, analysis, {SPATIAL, TEMPORAL}), planned)
+    inner = find_regions(gm, analysis, lambda n: full_dim_candidates(n, analysis, {SPATIAL, TEMPORAL}), planned,
+                         recompute)
     return SlicePlan(analysis, batch, [r for r in inner if worth(r)], before)
 
 
@@ -130,6 +135,8 @@ def apply_plan(gm: fx.GraphModule, plan: SlicePlan, counts: dict[Key, int], rank
         graph_module.graph.eliminate_dead_code()
         graph_module.recompile()
     refresh_meta(gm)
+    if applied.records:
+        applied.grown = grow_into_inputs(gm)
     return applied
 
 
@@ -174,5 +181,6 @@ def _describe(region: Region, axis: str, chunks: int) -> dict[str, Any]:
         "chunks": chunks,
         "ops": len(region.nodes),
         "two_phase_norms": sum(1 for s in region.slicings.values() if s.two_phase),
+        "recomputed_norms": len(region.recomputes),
         "saving_bytes": int(region.score(chunks)),
     }

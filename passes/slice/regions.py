@@ -11,7 +11,11 @@ chunked axis (that input must be complete before the region starts; see the slic
 two-phase normalization). Growing together lets ops that can go either way (linears,
 layer norms, elementwise ops) join the nearest mixing op, so each block is chunked along
 its own axis. Finally adjacent regions along the same axis merge where they legally can:
-the value between them then never exists in full.
+the value between them then never exists in full. With `recompute`, two regions also
+merge across the input of a normalization whose statistics span the axis: the loop then
+computes that input twice per chunk, once in a prologue for the statistics (loop.py), so
+it never exists whole either; the slicer keeps such a plan only where it lowers the peak
+enough to pay for the work (slicer.py).
 """
 from __future__ import annotations
 
@@ -72,13 +76,17 @@ class Region:
     input_bytes: int = 0
     peak_bytes: int = 0
     internal_peak_bytes: int = 0
+    # Its two-phase normalizations whose input it computes itself (a prologue's); kept
+    # here because emitting an outer loop erases the nodes and with them their args.
+    recomputes: list[fx.Node] = field(default_factory=list)
 
     def remap(self, val_map: dict[fx.Node, fx.Node]) -> "Region":
         """The same region over a copy of its graph."""
         return dataclasses.replace(
             self, seed=val_map[self.seed], nodes=[val_map[n] for n in self.nodes],
             slicings={val_map[n]: s for n, s in self.slicings.items()},
-            inputs=[val_map[n] for n in self.inputs], outputs=[val_map[n] for n in self.outputs])
+            inputs=[val_map[n] for n in self.inputs], outputs=[val_map[n] for n in self.outputs],
+            recomputes=[val_map[n] for n in self.recomputes])
 
     def score(self, chunks: int) -> float:
         """Bytes the region's peak drops by when run in `chunks` chunks: unchunked, its
@@ -95,11 +103,12 @@ Classes = Callable[[fx.Node], frozenset[fx.Node]]  # the nodes that may share a 
 
 
 def find_regions(gm: fx.GraphModule, analysis: AxisAnalysis, candidates: Candidates,
-                 planned_chunks: dict[str, int]) -> list[Region]:
+                 planned_chunks: dict[str, int], recompute: bool = False) -> list[Region]:
     """Non-overlapping regions, in graph order. Seeds are the ops `candidates` gives
     choices for; the most constrained start first (those with one possible axis), each
     later one takes the axis its already-chunked neighbourhood uses, if it can. Regions
-    grow forwards into users first, then backwards (see below)."""
+    grow forwards into users first, then backwards (see below), and merge last (across
+    two-phase normalizations too, with `recompute`)."""
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     classes = class_lookup(may_alias_classes(gm.graph))
     groups: list[dict[fx.Node, Slicing]] = []
@@ -123,7 +132,9 @@ def find_regions(gm: fx.GraphModule, analysis: AxisAnalysis, candidates: Candida
     # the value is better computed in its users' loop.
     for step in (_producers, _neighbours):
         _grow(deque(owner.items()), groups, axes, owner, step, analysis, order)
-    merged = _merge(groups, axes, order)
+    merged = _merge(groups, axes, order, recompute=False)
+    if recompute:  # between the merged regions: a residual is then in view (_recompute_pays)
+        merged = _merge([m for m, _ in merged], [axis for _, axis in merged], order, recompute=True)
     regions = [_region(members, axis, kind, analysis, order, classes) for members, (axis, kind) in merged]
     return sorted(regions, key=lambda r: order[r.nodes[0]])
 
@@ -207,7 +218,8 @@ def rebuild(region: Region, nodes: list[fx.Node], analysis: AxisAnalysis, order:
         if s is None:
             return None
         slicings[node] = s
-    if not all(_edges_sliced(n, s, slicings) for n, s in slicings.items() if n.target is not operator.getitem):
+    recompute = bool(region.recomputes)
+    if not all(_edges_sliced(n, s, slicings, recompute) for n, s in slicings.items() if n.target is not operator.getitem):
         return None
     return _region(slicings, axis, region.kind, analysis, order, classes)
 
@@ -269,7 +281,7 @@ def _try_join(node: fx.Node, members: dict[fx.Node, Slicing], axis: Axis, analys
 
 
 def _merge(groups: list[dict[fx.Node, Slicing]], axes: list[tuple[Axis, str]],
-           order: dict[fx.Node, int]) -> list[tuple[dict[fx.Node, Slicing], tuple[Axis, str]]]:
+           order: dict[fx.Node, int], recompute: bool) -> list[tuple[dict[fx.Node, Slicing], tuple[Axis, str]]]:
     """Merges regions along the same axis that feed each other, where the union is legal:
     each edge between two regions is tried once, in graph order."""
     parent = list(range(len(groups)))
@@ -287,7 +299,7 @@ def _merge(groups: list[dict[fx.Node, Slicing]], axes: list[tuple[Axis, str]],
             if user not in owner:
                 continue
             a, b = find(owner[node]), find(owner[user])
-            if a == b or axes[a][0] != axes[b][0] or not _can_merge(members[a], members[b], order):
+            if a == b or axes[a][0] != axes[b][0] or not _can_merge(members[a], members[b], order, recompute):
                 continue
             members[a].update(members[b])
             members[b] = {}
@@ -295,12 +307,25 @@ def _merge(groups: list[dict[fx.Node, Slicing]], axes: list[tuple[Axis, str]],
     return [(members[i], axes[i]) for i in range(len(groups)) if find(i) == i]
 
 
-def _can_merge(a: dict[fx.Node, Slicing], b: dict[fx.Node, Slicing], order: dict[fx.Node, int]) -> bool:
+def _can_merge(a: dict[fx.Node, Slicing], b: dict[fx.Node, Slicing], order: dict[fx.Node, int],
+               recompute: bool) -> bool:
     union = {**a, **b}
     for node, s in b.items():
         if node.target is not operator.getitem and not _edges_sliced(node, s, a):
-            return False
+            if not (recompute and _edges_sliced(node, s, a, recompute=True) and _recompute_pays(a, b)):
+                return False
     return _is_convex(union, order)
+
+
+def _recompute_pays(a: dict[fx.Node, Slicing], b: dict[fx.Node, Slicing]) -> bool:
+    """Whether merging `b` into `a` across a normalization's input can save memory: only
+    where `b` also reads a tensor `a` reads from outside, at least as large as that input
+    (a residual). Otherwise each side can write its output into its dying input
+    (cost.reusable_inputs) and the value between them costs nothing to keep whole."""
+    outside = lambda members: {i for n in members for i in n.all_input_nodes if i not in a and i not in b}  # noqa: E731
+    shared = outside(a) & outside(b)
+    norm_inputs = [n.args[0] for n, s in b.items() if s.two_phase and n.args[0] in a]
+    return any(nbytes(x) >= nbytes(v) for x in shared for v in norm_inputs)
 
 
 def _is_convex(members: dict | set, order: dict[fx.Node, int]) -> bool:
@@ -327,6 +352,7 @@ def _region(slicings: dict[fx.Node, Slicing], axis: Axis, kind: str, analysis: A
     members = _drop_trailing_views(_drop_leading_views(set(nodes), seed), seed)
     nodes = [n for n in nodes if n in members]
     region = Region(seed, axis, kind, _extent(analysis, axis), nodes, {n: slicings[n] for n in nodes})
+    region.recomputes = [n for n in nodes if slicings[n].two_phase and n.args[0] in members]
     _classify_values(region, members, order, classes)
     return region
 
@@ -360,17 +386,19 @@ def _stays_convex(new: list[fx.Node], members: dict | set, order: dict[fx.Node, 
     return not forward and not backward
 
 
-def _edges_sliced(node: fx.Node, s: Slicing, slicings: dict[fx.Node, Slicing]) -> bool:
-    """Every edge between `node` and the region must be sliced at both ends."""
+def _edges_sliced(node: fx.Node, s: Slicing, slicings: dict[fx.Node, Slicing], recompute: bool = False) -> bool:
+    """Every edge between `node` and the region must be sliced at both ends; one into a
+    two-phase normalization's input only with `recompute` (its prologue computes it)."""
     for position, source in enumerate(tensor_inputs(node)):
-        if source in slicings and (s.inputs[position] is None or (s.two_phase and position == 0)):
+        if source in slicings and (s.inputs[position] is None or (s.two_phase and position == 0 and not recompute)):
             return False
     for user in node.users:
         us = slicings.get(user)
         if us is None or user.target is operator.getitem:
             continue
         for position, source in enumerate(tensor_inputs(user)):
-            if source is node and (us.inputs[position] is None or (us.two_phase and position == 0)):
+            if source is node and (us.inputs[position] is None
+                                   or (us.two_phase and position == 0 and not recompute)):
                 return False
     return True
 
