@@ -12,10 +12,12 @@ bfloat16 and float32 and compute in float32; other dtypes and empty tensors take
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import warnings
 from collections import Counter
+from typing import Any, Iterator, NamedTuple
 
 import torch
 import triton
@@ -28,13 +30,31 @@ TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 LAUNCHES: Counter[str] = Counter()
 
 
+class Launch(NamedTuple):
+    """One launch() a wrapper made while launches were recorded (recording_launches)."""
+
+    kernel: Any  # the @triton.jit function
+    num_programs: int
+    args: tuple
+    meta: dict
+
+
+_recorded: list[Launch] | None = None
+
+
 def use_triton(x: Tensor, *others: Tensor | None) -> bool:
     """Whether the Triton kernels run for these operands (see the module docstring)."""
     if not (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1") or x.numel() == 0:
         return False
     if not x.is_cuda and not interpreter_ready():
         return False
-    return all(t.dtype in TRITON_DTYPES for t in (x, *others) if t is not None)
+    return kernels_take(x, *others)
+
+
+def kernels_take(x: Tensor, *others: Tensor | None) -> bool:
+    """Whether the kernels take these operands, on a device that runs them: a non-empty
+    first tensor, and dtypes they compile for."""
+    return x.numel() != 0 and all(t.dtype in TRITON_DTYPES for t in (x, *others) if t is not None)
 
 
 @functools.cache
@@ -58,7 +78,11 @@ def interpreter_ready() -> bool:
 
 
 def launch(kernel, num_programs: int, *args, **meta) -> None:
-    """Launch `kernel` on a 1-D grid (on the device of its first tensor argument) and count it."""
+    """Launch `kernel` on a 1-D grid (on the device of its first tensor argument) and count it;
+    while launches are recorded, record it instead."""
+    if _recorded is not None:
+        _recorded.append(Launch(kernel, num_programs, args, meta))
+        return
     LAUNCHES[kernel.fn.__name__] += 1
     device = next(a.device for a in args if isinstance(a, Tensor))
     if device.type == "cuda":
@@ -66,6 +90,22 @@ def launch(kernel, num_programs: int, *args, **meta) -> None:
             kernel[(num_programs,)](*args, **meta)
     else:
         kernel[(num_programs,)](*args, **meta)
+
+
+@contextlib.contextmanager
+def recording_launches() -> Iterator[list[Launch]]:
+    """Within it, launch() records what it would launch and launches nothing, so a wrapper
+    called on meta tensors says which kernels and configurations (constexprs, num_warps,
+    grid) it picks for those shapes, by its own code (benchmarks/kernel_targets.py compiles
+    them for real GPUs on the CPU). Not thread-safe; not reentrant."""
+    global _recorded
+    if _recorded is not None:
+        raise RuntimeError("recording_launches() is already active")
+    _recorded = []
+    try:
+        yield _recorded
+    finally:
+        _recorded = None
 
 
 def row_blocks(length: int, max_block: int) -> tuple[int, int]:
