@@ -2,8 +2,8 @@
 configuration its wrapper chooses at the real models' shapes: registers, spills and shared
 memory per configuration.
 
-1. Shapes. Each model of benchmarks/scale.py at its real config and size (uninitialized
-   weights, no model run) is compiled in each dtype, with passes group, slice+group (the
+1. Shapes. Each model of MODELS at its real config and size, as its pipeline calls it
+   (uninitialized weights, no model run), is compiled in each dtype, with passes group, slice+group (the
    finest plan) and, in fp16, slice+group under a budget of half the group program's
    predicted peak; the compiled program is then run on fake tensors (fmecompile.ir.
    refresh_meta: each loop body once per distinct chunk length, every chunk's gn_moments),
@@ -65,6 +65,11 @@ MAX_REGISTERS = 255
 REGISTER_FILE = 65536
 MAX_SHARED = {80: 163 * 1024, 89: 99 * 1024, 90: 227 * 1024}
 MAX_GRID_X = 2**31 - 1
+# name -> (zoo model, batch, frames, height, width) as the pipelines call them: the UNets at the
+# guidance batch, the decoders with every frame in one call (benchmarks/scale.py's sizes)
+MODELS = {"svd": ("svd", 2, 14, 576, 1024), "svd-xt": ("svd-xt", 2, 25, 576, 1024),
+          "animatediff": ("animatediff", 2, 16, 512, 512), "svd-vae": ("svd-vae", 1, 14, 576, 1024),
+          "svd-xt-vae": ("svd-vae", 1, 25, 576, 1024), "animatediff-vae": ("animatediff-vae", 1, 16, 512, 512)}
 DTYPE_NAMES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 # variant -> (passes, budget as a share of the group program's predicted peak, dtypes)
 VARIANTS = {"group": (("group",), None, ("fp16", "bf16", "fp32")),
@@ -126,19 +131,19 @@ def _fme_calls_of(run) -> list[dict]:
 
 
 def record_calls(name: str, dtype_name: str, variants: dict = VARIANTS) -> dict[str, list[dict]]:
-    """variant -> the fme:: op calls of model `name` (scale.CASES) compiled with it in dtype."""
-    sys.path.insert(0, str(Path(__file__).parent))
+    """variant -> the fme:: op calls of model `name` (MODELS, or a zoo model at batch 2 and its
+    own size) compiled with it in dtype."""
     import fmecompile as fme
     from fmecompile.ir import refresh_meta
     from fmecompile.passes.liveness import predicted_peak
     from fmecompile.tools import zoo
-    from scale import CASES, build_uninitialized
 
     dtype = DTYPE_NAMES[dtype_name]
-    batch, frames, height, width = CASES.get(name, (2, None, None, None))
-    model = build_uninitialized(name, dtype)
-    inputs = zoo.example_inputs(name, batch=batch, frames=frames, height=height, width=width, dtype=dtype)
-    target = zoo.compile_target(name, model)
+    entry, batch, frames, height, width = MODELS.get(name, (name, 2, None, None, None))
+    # weights allocated, not initialized: nothing here reads them
+    model = zoo.build_model(entry, dtype=dtype, device="meta").to_empty(device="cpu").eval()
+    inputs = zoo.example_inputs(entry, batch=batch, frames=frames, height=height, width=width, dtype=dtype)
+    target = zoo.compile_target(entry, model)
     found, peaks = {}, {}
     for label, (passes, budget, dtypes) in variants.items():
         if dtype_name not in dtypes:
@@ -470,7 +475,7 @@ def write(result: dict, path: str | Path) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", default="svd,svd-xt,animatediff,svd-vae", help="scale.CASES names")
+    parser.add_argument("--models", default=",".join(MODELS), help="MODELS names or zoo names")
     parser.add_argument("--dtypes", default="fp16,bf16,fp32")
     parser.add_argument("--calls-from", help="a JSON this script wrote: its recorded calls, not recorded again")
     parser.add_argument("--worst-only", action="store_true",

@@ -147,7 +147,7 @@ def test_the_record_holds_the_calls_of_the_real_models(tmp_path):
         sys.path.insert(0, "benchmarks")
         import kernel_targets as kt
         variants = {k: v for k, v in kt.VARIANTS.items() if v[1] is None}
-        calls = [c for name in ("svd", "svd-xt", "animatediff", "svd-vae")
+        calls = [c for name in kt.MODELS
                  for found in kt.record_calls(name, "fp16", variants).values() for c in found
                  if c["op"] in kt.wrappers()]
         print(json.dumps([[c["op"], c["args"]] for c in calls]))
