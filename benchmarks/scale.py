@@ -6,7 +6,8 @@ with 80 GiB free): op counts (calls of aten/fme ops and of loops, each
 loop body once) and node counts (with placeholders: a loop body declares its inputs again),
 compile seconds,
 predicted activation peak, artifact bytes, save seconds and fresh-process load seconds,
-and the launches one call makes (fmecompile.ir.launches: each loop body once per chunk).
+and the launches and FLOPs one call makes (fmecompile.ir.launches and flops: each loop body
+once per chunk, so a recomputed normalization input shows in the FLOPs).
 
 Weights are allocated uninitialized (built on the meta device, then `to_empty`): nothing
 here reads their values, and random initialization of 1.5 B parameters would dominate the
@@ -27,14 +28,17 @@ from pathlib import Path
 import torch
 
 import fmecompile as fme
-from fmecompile.ir import LAUNCH_KINDS, computing_nodes, launches, node_count
+from fmecompile.ir import LAUNCH_KINDS, computing_nodes, flops, launches, node_count
 from fmecompile.passes.liveness import predicted_peak
 from fmecompile.tools import zoo
 from fmecompile.tools.bench import DTYPES, environment, markdown_table, write_json
 
-# name -> (batch, frames, height, width) as users run them; None: the model's own
+# row -> (batch, frames, height, width) as users run them; a row not here is a zoo model at
+# batch 2 and its own size. The decoders get every frame in one call. A row is a zoo model's
+# name, or one of MODEL_OF's.
 CASES = {"svd": (2, 14, 576, 1024), "svd-xt": (2, 25, 576, 1024), "animatediff": (2, 16, 512, 512),
-         "svd-vae": (1, 14, 576, 1024)}
+         "svd-vae": (1, 14, 576, 1024), "svd-xt-vae": (1, 25, 576, 1024), "animatediff-vae": (1, 16, 512, 512)}
+MODEL_OF = {"svd-xt-vae": "svd-vae"}  # SVD-XT's decoder is SVD's, at 25 frames
 # variant -> passes and memory budget: None, "auto", or a share of the identity's predicted
 # peak. "finest" is the default plan without a budget (every region at its default chunks).
 VARIANTS = {"identity": ((), None), "slice+group finest": (("slice", "group"), None),
@@ -71,14 +75,14 @@ def fresh_load_seconds(path: Path, name: str, dtype: torch.dtype) -> float:
     return float(result.stdout.strip().rsplit("load_seconds=", 1)[1])
 
 
-def measure(name: str, dtype: torch.dtype, folder: Path) -> list[dict]:
-    batch, frames, height, width = CASES.get(name, (2, None, None, None))
+def measure(row: str, dtype: torch.dtype, folder: Path) -> list[dict]:
+    name, (batch, frames, height, width) = MODEL_OF.get(row, row), CASES.get(row, (2, None, None, None))
     model = build_uninitialized(name, dtype)
     inputs = zoo.example_inputs(name, batch=batch, frames=frames, height=height, width=width, dtype=dtype)
     target = zoo.compile_target(name, model)
     rows = []
     for label, (passes, budget) in VARIANTS.items():
-        if budget is not None and name not in BUDGET_MODELS:
+        if budget is not None and row not in BUDGET_MODELS:
             continue
         config = fme.Config(passes=passes, memory_budget=None, cache_dir=None)  # compile s: the passes
         if budget == "auto":
@@ -89,10 +93,10 @@ def measure(name: str, dtype: torch.dtype, folder: Path) -> list[dict]:
         compiled = fme.compile(target, kwargs=inputs, config=config)
         compile_s = time.perf_counter() - start
         start = time.perf_counter()
-        path = fme.save(compiled, folder / f"{name}-{label}.fme")
+        path = fme.save(compiled, folder / f"{row}-{label}.fme")
         save_s = time.perf_counter() - start
         rows.append({
-            "model": name, "variant": label, "shape": [batch, frames, height, width],
+            "model": row, "variant": label, "shape": [batch, frames, height, width],
             "dtype": str(dtype).removeprefix("torch."),
             "compiled_ops": computing_nodes(compiled.graph_module),
             "compiled_nodes": node_count(compiled.graph_module),
@@ -102,8 +106,9 @@ def measure(name: str, dtype: torch.dtype, folder: Path) -> list[dict]:
             "memory_budget": config.memory_budget if budget != "auto" else f"auto ({AUTO_FREE} free)",
             "loops": compiled.report.get("slice", {}).get("regions", 0),
             "launches": launches(compiled.graph_module),
+            "flops": flops(compiled.graph_module),
         })
-        print(f"{name} {label}: {rows[-1]['compiled_ops']} ops, {rows[-1]['launches']} launches, "
+        print(f"{row} {label}: {rows[-1]['compiled_ops']} ops, {rows[-1]['launches']} launches, "
               f"compile {compile_s:.1f}s, load {rows[-1]['fresh_load_s']:.1f}s", flush=True)
     return rows
 
@@ -111,7 +116,7 @@ def measure(name: str, dtype: torch.dtype, folder: Path) -> list[dict]:
 def launch_table(rows: list[dict]) -> str:
     """Launches per call by kind (loop bodies once per chunk), loops and predicted peak."""
     header = ["model", "variant", "loops", "compute", "fused", "other", "copies", "total", "vs identity",
-              "compute vs identity", "predicted peak GiB", "vs identity"]
+              "compute vs identity", "FLOPs vs identity", "predicted peak GiB", "vs identity"]
     identity = {r["model"]: r for r in rows if r["variant"] == "identity"}
     body = []
     for r in rows:
@@ -120,6 +125,7 @@ def launch_table(rows: list[dict]) -> str:
         body.append([r["model"], r["variant"], str(r["loops"]), *(f"{n[k]:,}" for k in LAUNCH_KINDS),
                      f"{total:,}", f"{total / base_total:.2f}x",
                      f"{n['compute'] / base['launches']['compute']:.2f}x",
+                     f"{r['flops'] / base['flops']:.3f}x",
                      f"{r['predicted_peak_bytes'] / 2**30:.2f}",
                      f"{r['predicted_peak_bytes'] / base['predicted_peak_bytes']:.3f}x"])
     return "\n".join(markdown_table(header, body))
@@ -161,7 +167,7 @@ def table(rows: list[dict]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", default=",".join(CASES), help="comma-separated zoo names")
+    parser.add_argument("--models", default=",".join(CASES), help="comma-separated rows of CASES or zoo names")
     parser.add_argument("--dtype", choices=list(DTYPES), default="fp16")
     parser.add_argument("--json", required=True)
     args = parser.parse_args()

@@ -95,7 +95,7 @@ class Phase:
     group_bytes: int = 0  # of its part's weights on the GPU during it under group offload
     activation_bytes: int = 0  # predicted activation peak of the call
     activation_source: str = ""
-    finest_bytes: int = 0  # compiled parts: the finest plan's peak (the least reachable)
+    finest_bytes: int = 0  # compiled parts: the default (finest) plan's peak; a budget may go lower
     resident: tuple[str, ...] = ()  # parts whose weights are on the GPU during it
     resident_bytes: int = 0
     needs: str = ""  # the cheapest offload under which it fits, or "" if none does
@@ -203,7 +203,7 @@ def plan(pipeline: Any, *, gpu_memory: int | str, frames: int | None = None, hei
     for call, phase in zip(calls, phases):
         if call.compiled:
             budget = gpu - margin - phase.resident_bytes - phase.persistent_bytes
-            _compile_within(phase, call, budget, passes if fastest else (), name)
+            _compile_within(phase, call, budget, passes, name, fastest)
     result = PipelinePlan(name, frames, height, width, str(sizes["dtype"]).removeprefix("torch."),
                           num_videos_per_prompt, guidance, gpu, margin, chosen, False, phases, peaks,
                           sum(weights.values()))
@@ -270,29 +270,37 @@ def _measure_floor(call: _Call, passes: tuple[str, ...], name: str) -> Phase:
     return phase
 
 
-def _compile_within(phase: Phase, call: _Call, budget: int, passes: tuple[str, ...], name: str) -> None:
-    """Compiles a compiled part under its activation budget: the fewest launches that fit.
-    If even the finest plan does not fit, the phase keeps it and says by how much."""
+def _compile_within(phase: Phase, call: _Call, budget: int, passes: tuple[str, ...], name: str,
+                    fastest: bool) -> None:
+    """Compiles a compiled part under its activation budget: the fewest launches that fit
+    (with `fastest`), or, where the default plan does not fit, a plan beyond it (more chunks,
+    recomputed normalization inputs: passes/slice/slicer.py) if one fits. If none does, the
+    phase keeps the default plan and says by how much it is over."""
     phase.budget_bytes = budget
-    if budget < phase.finest_bytes:
-        phase.note = (f"the finest plan's {_gib(phase.finest_bytes)} exceeds the activation budget "
-                      f"{_gib(max(budget, 0))} by {_gib(phase.finest_bytes - max(budget, 0))}")
-        return
-    if not passes:  # fastest=False: the finest plan stands
+    over = budget < phase.finest_bytes
+    if not passes or not (over or fastest):  # the default plan fits and stands
+        if over:
+            phase.note = _over(phase, budget)
         return
     log.info("fmecompile.plan(%s): %s: compiling for an activation budget of %s", name, phase.name, _gib(budget))
     try:
-        compiled, seconds = _compile(call, Config(passes=passes, memory_budget=budget, cache_dir=None))
-    except ConfigError as err:  # the search's finest trial differs from the compiled finest plan
-        phase.note = f"no plan within the budget: {err}"
+        compiled, seconds = _compile(call, Config(passes=passes, memory_budget=max(budget, 1), cache_dir=None))
+    except ConfigError as err:
+        phase.note = _over(phase, budget) if over else f"no plan within the budget: {err}"
         return
     phase.compile_seconds += seconds
     phase.activation_bytes = predicted_peak(compiled.graph_module)
-    phase.activation_source = f"{'+'.join(passes)}, fewest launches within the budget"
+    phase.activation_source = (f"{'+'.join(passes)}, " + ("beyond the default plan, within the budget" if over
+                                                          else "fewest launches within the budget"))
     phase.loops, phase.chunks = {}, {}
     _record_chunking(phase, compiled)
     log.info("fmecompile.plan(%s): %s: activation peak %s with %s (%.0f s)", name, phase.name,
              _gib(phase.activation_bytes), _chunking(phase), seconds)
+
+
+def _over(phase: Phase, budget: int) -> str:
+    return (f"the finest plan's {_gib(phase.finest_bytes)} exceeds the activation budget "
+            f"{_gib(max(budget, 0))} by {_gib(phase.finest_bytes - max(budget, 0))}")
 
 
 def _compile(call: _Call, config: Config) -> tuple[Any, float]:

@@ -117,9 +117,14 @@ def _or_raise(attempt: _Attempt | None, failure: ConfigError | None) -> _Attempt
 def _peak_at_statistics(gm: fx.GraphModule) -> bool:
     """Whether the program's peak (followed into the loops it falls in) is at a loop that
     takes a normalization's statistics over another loop's output, which would then be
-    computed in it twice instead of existing whole: only there can recomputing lower it."""
+    computed in it twice instead of existing whole, or at an upsampling loop that could not
+    grow into its input (grow.py): a temporal block merged for recomputing writes into its
+    frame-major input, not into its own channel-major buffer, and the upsampling's input
+    is then a view of it. Only there can recomputing lower the peak."""
     node = profile(gm).peak_node
     while node is not None and (loop := loop_of(node)) is not None:
+        if any(b.may_grow is not None and not b.grows for b in loop.spec.buffers):
+            return True
         for m in loop.spec.moments:
             source = node.args[m.input] if m.prologue is None else None
             while source is not None and _is_view_of_node(source):
