@@ -93,7 +93,9 @@ def _growth(node: fx.Node, index: int, buffer: Buffer) -> Move | None:
     elements = value.untyped_storage().nbytes() // value.element_size()
     if born.dtype != buffer.dtype or value.dtype != buffer.dtype or value.storage_offset() + value.numel() != elements:
         return None  # the input must end where its storage ends (loop._allocate places it so)
-    reserve = max(born.reserve, math.prod(buffer.shape))
+    # as large as this output, and as what this output's own buffer was reserving for a
+    # later growth into it (a chain: the output is placed at the storage's end in turn)
+    reserve = max(born.reserve, math.prod(buffer.shape), buffer.reserve)
     return [(birth, slot, dataclasses.replace(born, reserve=reserve)),
             (node, index, dataclasses.replace(buffer, reuses=buffer.may_grow, grows=True))]
 
