@@ -204,6 +204,8 @@ def plan(pipeline: Any, *, gpu_memory: int | str, frames: int | None = None, hei
         if call.compiled:
             budget = gpu - margin - phase.resident_bytes - phase.persistent_bytes
             _compile_within(phase, call, budget, passes, name, fastest)
+            if not phase.needs and phase.activation_bytes <= budget:  # fits beyond its default plan
+                phase.needs = chosen
     result = PipelinePlan(name, frames, height, width, str(sizes["dtype"]).removeprefix("torch."),
                           num_videos_per_prompt, guidance, gpu, margin, chosen, False, phases, peaks,
                           sum(weights.values()))
