@@ -86,6 +86,9 @@ def run(request, reference_kernels_module) -> PipelineRun:
     return run_pipeline(request.param)
 
 
+FRAMES_ROUNDING_FLOOR = 2e-5  # stock fp32 against fp64 measured 4e-5 on two threads
+
+
 def test_optimized_frames_equal_stock_within_rounding(run):
     # A whole generation amplifies fp32 rounding: these tiny random models are ill-conditioned
     # at the pipelines' inputs (a UNet call that is 1e-6 from eager on example inputs is 1e-3
@@ -94,10 +97,14 @@ def test_optimized_frames_equal_stock_within_rounding(run):
     # against stock fp64 from the same weights and noise (measured 4e-5 for both pipelines;
     # the optimized frames were 2.6e-4 (SVD) and 9e-5 (AnimateDiff) from fp64). A wrong
     # slicing or fusion moves the frames by 1e-2 or more.
+    # Stock's own rounding varies with the thread count (1.4e-6 on a one-thread xdist
+    # worker, where the optimized frames were still 1.1e-4 from fp64): the bound is never
+    # below FRAMES_ROUNDING_FLOOR, 50x under what a wrong slicing does.
     rounding, _ = output_error(run.stock, run.stock_fp64)
     assert rounding < 1e-3, "the fp64 reference does not reproduce the stock generation"
-    assert output_error(run.optimized, run.stock_fp64)[0] <= 10 * rounding
-    assert output_error(run.optimized, run.stock)[0] <= 10 * rounding
+    bound = 10 * max(rounding, FRAMES_ROUNDING_FLOOR)
+    assert output_error(run.optimized, run.stock_fp64)[0] <= bound
+    assert output_error(run.optimized, run.stock)[0] <= bound
 
 
 def test_passes_rewrote_unet_and_decoder(run):
