@@ -7,11 +7,13 @@ of the fuzzer's grammar.
 Every rank's output equals eager in float64 to 1e-10 (so the single-process result, which
 the slicer tests hold to the same bound), and every rank does its share (it sends data).
 Under sequence parallel on 2 ranks each rank's live activation peak is at most 0.6x the
-single-process program's (0.65x for the svd-tiny UNet: 0.58x before the slicer merged
-identical views and learned recompute and growth, slice/views.py and grow.py, 0.64x after;
-they lower one process's peak more than a rank's), at frame counts whose halves are even (3 frames split
+single-process program's, at frame counts whose halves are even (3 frames split
 2 + 1, so a rank holds 2/3 of every frame-split tensor), measured on a second call (a first
-call on rank 1 once measured 0.69x, its second 0.58x). Without an initialized process group the
+call on rank 1 once measured 0.69x, its second 0.58x). Two bounds are looser since one
+process's programs recompute normalization inputs and grow upsampling outputs into their
+inputs (slice/slicer.py, grow.py), which a rank cannot (a prologue needs whole inputs, a
+rank holds part of each loop's tensors): the svd-tiny UNet 0.65x (0.58x before, 0.64x
+after), the SVD decoder 0.85x (0.79x measured). Without an initialized process group the
 config is refused clearly."""
 from __future__ import annotations
 
@@ -33,7 +35,7 @@ from fmecompile.runtime.sharded import Split, _box, _pieces
 # per world size: one spawn per world size keeps process start-up shared.
 CASES = {
     2: [("svd-tiny", ("sequence",), dict(batch=1, frames=14, height=64, width=64), 0.65),
-        ("svd-vae-tiny", ("sequence",), dict(batch=1, frames=8), 0.6),
+        ("svd-vae-tiny", ("sequence",), dict(batch=1, frames=8), 0.85),
         ("animatediff-tiny", ("sequence",), dict(batch=2, frames=16, height=96, width=96), 0.6),
         ("animatediff-tiny", ("guidance",), dict(batch=2, frames=2, height=64, width=64), None)],
     3: [("svd-vae-tiny", ("sequence",), dict(batch=1), None),
