@@ -173,10 +173,14 @@ def launch_kind(target: Any) -> str | None:
         return "compute"
     if name in _COPIES:
         return "copies"
-    returns = target._schema.returns
-    if returns and all(r.alias_info is not None and not r.alias_info.is_write for r in returns):
-        return None  # a view of its input
-    return "other"
+    return None if is_view_op(target) else "other"
+
+
+def is_view_op(target: Any) -> bool:
+    """Whether an op's schema says every output may alias an input, read-only (view,
+    reshape, permute, to...): it launches nothing of its own."""
+    returns = getattr(getattr(target, "_schema", None), "returns", None)
+    return bool(returns) and all(r.alias_info is not None and not r.alias_info.is_write for r in returns)
 
 
 def node_count(gm: fx.GraphModule) -> int:

@@ -232,20 +232,24 @@ def chunk_view(x: torch.Tensor, chunking: Chunking, start: int, length: int) -> 
 def _allocate(b: Buffer, inputs: tuple) -> torch.Tensor:
     if b.reuses is not None and not b.grows:
         return inputs[b.reuses]
-    if b.grows:  # the input's storage, from its start, if it holds the input at its end
-        x, numel = inputs[b.reuses], math.prod(b.shape)
+    numel = math.prod(b.shape)
+    if b.grows:  # the input's storage, if it holds the input at its end and the output fits
+        x = inputs[b.reuses]
         elements = x.untyped_storage().nbytes() // x.element_size()
-        if x.dtype == b.dtype and x.is_contiguous() and elements >= numel and x.storage_offset() + x.numel() == elements:
-            return torch.as_strided(x, b.shape, _contiguous_strides(b.shape), elements - numel)
+        if x.dtype == b.dtype and ends_its_storage(x) and elements >= numel:
+            return _at_end(torch.as_strided(x, (elements,), (1,), 0), numel, b.shape)
     if b.reserve:
-        numel = math.prod(b.shape)
-        return torch.empty(b.reserve, dtype=b.dtype, device=b.device).narrow(0, b.reserve - numel, numel).view(b.shape)
+        return _at_end(torch.empty(b.reserve, dtype=b.dtype, device=b.device), numel, b.shape)
     return torch.empty(b.shape, dtype=b.dtype, device=b.device)
 
 
-def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
-    strides, step = [], 1
-    for size in reversed(shape):
-        strides.append(step)
-        step *= max(size, 1)
-    return tuple(reversed(strides))
+def ends_its_storage(x: torch.Tensor) -> bool:
+    """Whether x is contiguous and its last element is its storage's last (a growing
+    output may then fill that storage from the start: slice/grow.py)."""
+    elements = x.untyped_storage().nbytes() // x.element_size()
+    return x.is_contiguous() and x.storage_offset() + x.numel() == elements
+
+
+def _at_end(flat: torch.Tensor, numel: int, shape: tuple[int, ...]) -> torch.Tensor:
+    """The last `numel` elements of a 1-D tensor, viewed as `shape`."""
+    return flat.narrow(0, flat.numel() - numel, numel).view(shape)

@@ -29,7 +29,7 @@ import operator
 import torch.fx as fx
 
 from fmecompile.ir import refresh_meta
-from fmecompile.runtime.loop import Buffer, loop_of
+from fmecompile.runtime.loop import Buffer, ends_its_storage, loop_of
 
 from ..liveness import body_walk, class_lookup, may_alias_classes, profile, storages
 
@@ -76,8 +76,9 @@ def _growth(node: fx.Node, index: int, buffer: Buffer) -> Move | None:
     the loop and come, through views and in-place loops, from a fresh loop buffer of its
     dtype, which is then allocated large enough."""
     source = node.args[buffer.may_grow]
-    if not source.meta["val"].is_contiguous():
-        return None
+    value = source.meta["val"]
+    if value.dtype != buffer.dtype or not ends_its_storage(value):
+        return None  # loop._allocate places a storage's buffers at its end, so this holds where it can
     graph = node.graph
     order = {n: i for i, n in enumerate(graph.nodes)}
     classes = class_lookup(may_alias_classes(graph))
@@ -89,10 +90,8 @@ def _growth(node: fx.Node, index: int, buffer: Buffer) -> Move | None:
         return None
     birth, slot = site
     born = loop_of(birth).spec.buffers[slot]
-    value = source.meta["val"]
-    elements = value.untyped_storage().nbytes() // value.element_size()
-    if born.dtype != buffer.dtype or value.dtype != buffer.dtype or value.storage_offset() + value.numel() != elements:
-        return None  # the input must end where its storage ends (loop._allocate places it so)
+    if born.dtype != buffer.dtype:
+        return None
     # as large as this output, and as what this output's own buffer was reserving for a
     # later growth into it (a chain: the output is placed at the storage's end in turn)
     reserve = max(born.reserve, math.prod(buffer.shape), buffer.reserve)

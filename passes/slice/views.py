@@ -16,6 +16,8 @@ from typing import Any
 import torch
 import torch.fx as fx
 
+from fmecompile.ir import is_view_op
+
 from ..mutation import writes_in_place
 
 
@@ -42,10 +44,7 @@ def merge_identical_views(gm: fx.GraphModule) -> int:
 
 
 def _is_view(node: fx.Node) -> bool:
-    if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
-        return False
-    returns = node.target._schema.returns
-    return bool(returns) and all(r.alias_info is not None and not r.alias_info.is_write for r in returns)
+    return node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload) and is_view_op(node.target)
 
 
 def _frozen(value: Any) -> Any:
