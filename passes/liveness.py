@@ -84,8 +84,14 @@ def loop_transient(node: fx.Node) -> int:
     if loop is None:
         return 0
     statistics = sum(size for p in loop.placeholders()["moments"] for _, size in storages(p))
-    prologues = [_placeholders_owned_walk(p) for p in loop.prologues()]
-    return statistics + max([body_walk(node).peak, *(w.peak for w in prologues)])
+    return statistics + chunk_values(node)
+
+
+def chunk_values(node: fx.Node) -> int:
+    """The peak of one (the first, longest) chunk's values of a loop node, in its body or
+    in a prologue: the part of its transient that grows with the chunk length."""
+    prologues = [_placeholders_owned_walk(p) for p in loop_of(node).prologues()]
+    return max([body_walk(node).peak, *(w.peak for w in prologues)])
 
 
 def body_walk(node: fx.Node) -> Walk:

@@ -132,3 +132,39 @@ def test_the_launch_report_counts_what_a_call_runs(name, config):
     launches = compiled.report["launches"]
     assert launches["compute"] == counted.kinds["compute"] > 0
     assert launches["fused"] == counted.kinds["fused"]
+
+
+@pytest.mark.parametrize("share", [0.9, 0.7, 0.4])
+def test_a_coarsening_left_untried_would_not_have_fit(share, monkeypatch):
+    """The search skips a coarsening whose own loop's longer chunks exceed the budget
+    (Trial.coarsened_bound). Every step is tried here too: each bound is at most the peak
+    the step gives, and the plan is the one the search finds without skipping. (0.4 makes
+    loops coarsen over several ladder steps: the bisection's case.)"""
+    from fmecompile.passes.slice import budget as search
+
+    def plan_of(compiled):
+        return [(r["module"], r["kind"], r["chunks"]) for r in compiled.report["slice"]["region_list"]]
+
+    finest = compile_tiny("svd-vae-tiny", passes=SLICE, memory_budget=None)
+    budget = int(share * finest.report["slice"]["predicted_peak_before_bytes"])
+    skipping = compile_tiny("svd-vae-tiny", passes=SLICE, memory_budget=budget)
+    bounds, peaks = [], []
+    bound_of, trial_of = search.Trial.coarsened_bound, search._trial
+
+    def recorded_bound(self, key, chunks):
+        bounds.append((bound_of(self, key, chunks), len(peaks)))
+        return None
+
+    def recorded_trial(*args):
+        trial = trial_of(*args)
+        peaks.append(trial.peak)
+        return trial
+
+    monkeypatch.setattr(search.Trial, "coarsened_bound", recorded_bound)
+    monkeypatch.setattr(search, "_trial", recorded_trial)
+    trying_all = compile_tiny("svd-vae-tiny", passes=SLICE, memory_budget=budget)
+    checked = [(bound, peaks[index]) for bound, index in bounds if bound is not None]
+    assert all(bound <= peak for bound, peak in checked), checked
+    assert plan_of(skipping) == plan_of(trying_all)
+    if share == 0.9:  # here some coarsening is bounded out
+        assert any(bound > budget for bound, _ in checked), (checked, budget)
