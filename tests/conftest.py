@@ -173,6 +173,7 @@ SLOW = {
     "test_budget_plan.py::test_a_budget_above_the_identity_peak_gives_no_loops": "auto @ 80 GiB stays quick",
     "test_budget_plan.py::test_auto_plans_for_the_stated_free_memory_less_the_margin": "a second budget",
     "test_budget_plan.py::test_auto_on_the_cpu_without_free_memory_is_the_finest_plan": "the finest plan again",
+    "test_budget_plan.py::test_a_coarsening_left_untried_would_not_have_fit[[]0.4]": "60 trials (0.9 stays quick)",
     # float32 slice+group per family class: the float64 exactness of every class stays quick
     "test_family.py::test_float32_slice_group_is_within_rounding[[]U*": "float64 per class stays",
     "test_family.py::test_float32_slice_group_is_within_rounding[[]I2VGenXLUNet]": "float64 per class stays",
