@@ -249,26 +249,42 @@ def merge_moments_reference(parts: list[Tensor]) -> Tensor:
 def gn_apply_reference(x: Tensor, moments: Tensor, weight: Tensor | None, bias: Tensor | None,
                        num_groups: int, eps: float, silu: bool, pre_add: Tensor | None) -> Tensor:
     _check(x, num_groups, moments)
-    # One working copy, updated in place: this runs on chunks to save memory.
-    y = _plus(x, pre_add)
-    count, mean, m2 = moments.to(y.dtype).unbind(-1)
-    y.view(x.shape[0], num_groups, -1).sub_(mean[..., None]).mul_(torch.rsqrt(m2 / count + eps)[..., None])
-    per_channel = (1, x.shape[1]) + (1,) * (x.dim() - 2)
+    # One working tensor, centred as it is made (pre_add folded into the per-channel mean),
+    # then scaled and shifted in place: this runs on chunks to save memory, and in few
+    # passes over them because it is what the CPU runs.
+    working = _working_dtype(x)
+    count, mean, m2 = moments.to(working).unbind(-1)  # (N, G) each
+    per_group = x.shape[1] // num_groups
+    per_channel = lambda t: t.repeat_interleave(per_group, dim=1)  # (N, G) -> (N, C)
+    centre, scale = per_channel(mean), per_channel(torch.rsqrt(m2 / count + eps))
+    if pre_add is not None:
+        centre = centre - _per_channel(pre_add, x).to(working)
     if weight is not None:
-        y.mul_(weight.to(y.dtype).reshape(per_channel))
+        scale = scale * weight.to(working)
+    shape = tuple(x.shape[:2]) + (1,) * (x.dim() - 2)
+    y = torch.sub(x, centre.reshape(shape))  # in the working dtype: centre is in it
+    y.mul_(scale.reshape(shape))
     if bias is not None:
-        y.add_(bias.to(y.dtype).reshape(per_channel))
+        y.add_(bias.to(working).reshape((1, x.shape[1]) + (1,) * (x.dim() - 2)))
     if silu:
         y = F.silu(y, inplace=True)
-    return y.to(x.dtype)
+    return y.to(x.dtype, memory_format=torch.contiguous_format)
 
 
 def group_norm_reference(x: Tensor, num_groups: int, weight: Tensor | None, bias: Tensor | None,
                          eps: float, silu: bool, pre_add: Tensor | None) -> Tensor:
-    """F.group_norm of x + pre_add, then SiLU, by the two phases (unlike F.group_norm, it also
-    takes groups of one element, as the kernels do)."""
-    moments = gn_moments_reference(_plus(x, pre_add), num_groups)
-    return gn_apply_reference(x, moments, weight, bias, num_groups, eps, silu, pre_add)
+    """F.group_norm of x + pre_add in the working precision, then SiLU in place: aten's own
+    kernel, about 8x faster on the CPU than the two phases' references, and bit-equal to
+    eager's GroupNorm and SiLU where x is float32 or float64 and there is no pre_add."""
+    _check(x, num_groups)
+    working = _working_dtype(x)
+    y = x if pre_add is None and x.dtype == working else _plus(x, pre_add)
+    as_working = lambda t: None if t is None else t.to(working)
+    # torch.group_norm: F.group_norm refuses groups of one element, which the kernels take
+    out = torch.group_norm(y, num_groups, as_working(weight), as_working(bias), eps, False)
+    if silu:
+        out = F.silu(out, inplace=True)
+    return out.to(x.dtype, memory_format=torch.contiguous_format)
 
 
 # ----------------------------------------------------------------------------- ops
