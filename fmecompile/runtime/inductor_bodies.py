@@ -33,6 +33,9 @@ from typing import Any, Callable
 
 import torch
 import torch.fx as fx
+from torch._guards import TracingContext, tracing
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
 from ..errors import FmeError
 from ..ir import is_view_op
@@ -84,9 +87,13 @@ class CompiledCore(torch.nn.Module):
         start = time.perf_counter()
         specialized = _with_constants(self.core, args)
         tensors = [a for a in args if isinstance(a, torch.Tensor)]
+        # Fake inputs under a shape environment, inside a tracing context, as dynamo hands
+        # graphs to Inductor: without one Inductor bypasses its FX graph cache ("No shape env").
+        fake_mode = FakeTensorMode(shape_env=ShapeEnv(), allow_non_fake_inputs=True)
+        fakes = [fake_mode.from_tensor(t, static_shapes=True) for t in tensors]
         try:
-            with torch.inference_mode(False), torch.no_grad():
-                compiled = compile_fx(specialized, tensors)
+            with torch.inference_mode(False), torch.no_grad(), tracing(TracingContext(fake_mode)):
+                compiled = compile_fx(specialized, fakes)
         except Exception as err:  # noqa: BLE001 - Inductor's errors are many; name the body
             raise InductorBodyError(f"Inductor could not compile the body of loop {self.record.loop} "
                                     f"({type(err).__name__}: {err}); compile with inductor_bodies=False "
