@@ -129,10 +129,10 @@ def _with_compiled_bodies(gm: fx.GraphModule, prefix: str, records: list[BodyRec
             path = f"{prefix}{name}"
             record = BodyRecord(path)
             records.append(record)
-            body = _with_compiled_bodies(module.body, f"{path}.", records)
-            buffers = set(module.placeholders()["buffers"])
-            runtime = ChunkLoop(_driver(body, buffers, record), module.spec)
-            runtime.source = module  # the stored loop this one runs
+            runtime = ChunkLoop(_with_compiled_bodies(module.body, f"{path}.", records), module.spec)
+            runtime.body = _driver(runtime.body, set(runtime.placeholders()["buffers"]), record)
+            if record.reason is not None:
+                log.info("fmecompile: the body of %s runs as FX: %s", path, record.reason)
             root.add_module(name, runtime)
         else:
             root.add_module(name, module)
