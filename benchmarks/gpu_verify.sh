@@ -79,11 +79,11 @@ if [[ " $SECTIONS " == *" pipelines "* ]]; then
         --steps 2 --memory-budget 6GiB --json "$OUT/pipeline-memory-animatediff$tiny.json"
 fi
 if [[ " $SECTIONS " == *" bodies "* ]]; then
-    step bodies-default 500 python3 benchmarks/inductor_bodies.py --model svd$tiny $svd --batch 2 $bodies \
+    step bodies-default 540 python3 benchmarks/inductor_bodies.py --model svd$tiny $svd --batch 2 $bodies \
         --plans default --json "$OUT/inductor-bodies-svd$tiny-b2-default.json"
 fi
 if [[ " $SECTIONS " == *" bodies-budget "* ]]; then
-    step bodies-budget 500 python3 benchmarks/inductor_bodies.py --model svd$tiny $svd --batch 2 $bodies \
+    step bodies-budget 540 python3 benchmarks/inductor_bodies.py --model svd$tiny $svd --batch 2 $bodies \
         --plans budget --no-stock-compile --json "$OUT/inductor-bodies-svd$tiny-b2-budget.json"
 fi
 ls -la "$OUT"
