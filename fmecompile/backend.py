@@ -27,6 +27,7 @@ from .capture import capture_dynamo, dynamo_input_roles
 from .config import Config
 from .contract import checked_call
 from .runtime.cuda_graphs import GraphReplay
+from .runtime.inductor_bodies import runtime_graph
 from .runtime.distributed import check_available, parallel_run
 from .errors import ConfigError
 from .ir import node_count
@@ -85,6 +86,7 @@ class SpecializingGraph:
         self.programs: dict[Hashable, fx.GraphModule] = {}
         self.replays: dict[Hashable, Callable[..., Any]] = {}
         self.reports: dict[Hashable, dict] = {}
+        self.bodies: dict[Hashable, list] = {}  # with inductor_bodies (runtime/inductor_bodies.py)
         # Dynamo guards on the module's attributes, submodules and parameters, and on the hooks
         # of the module it was called on, but by default not on hooks added to submodules later
         # (torch._dynamo.config.skip_nnmodule_hook_guards). The graph cannot see the modules, so
@@ -124,7 +126,8 @@ class SpecializingGraph:
         canonical = capture_dynamo(self.gm, self.roles, args)
         program, report = run_passes(canonical, self.config)
         self.programs[key] = program
-        self.replays[key] = _parallel(GraphReplay(program, self.config), self.config.parallel)
+        runtime, self.bodies[key] = runtime_graph(program, self.config.inductor_bodies)
+        self.replays[key] = _parallel(GraphReplay(runtime, self.config), self.config.parallel)
         self.reports[key] = report
         log.info("fme backend: compiled a graph of %d nodes in %.1fs; report %s",
                  node_count(program), time.perf_counter() - start, report)

@@ -204,6 +204,8 @@ class CompiledModule(torch.nn.Module):
     def report(self) -> dict[str, Any]:
         program = self.current_program()
         report = {**program.report, "cuda_graphs": program.cuda_graphs()}
+        if program.inductor_bodies() is not None:
+            report["inductor_bodies"] = program.inductor_bodies()
         if program.cache is not None:  # compiled, stored in or loaded from the compile cache
             report["cache"] = program.cache
         if program in self._why:  # why it was built, where it was not the first program

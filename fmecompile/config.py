@@ -57,6 +57,13 @@ class Config:
     cuda_graphs: on CUDA inputs, capture each compiled graph once as a CUDA graph and
         replay it (fmecompile/runtime/cuda_graphs.py); where capture is impossible the graph runs
         without one and the report says why. False: never capture.
+    inductor_bodies: run each slicer loop body's computing part through Inductor
+        (torch._inductor; fmecompile/runtime/inductor_bodies.py), compiled at its first call per
+        distinct chunk shape, so its pointwise and reduction chains fuse; the two-phase
+        normalizations' statistics stay fme kernels. The stored graphs are unchanged (an
+        artifact is compiled again at load, from Inductor's cache where it has one).
+        Use it with passes=("slice",): the group pass's kernels are opaque to Inductor.
+        False (the default): bodies run as FX graphs (README, "Inductor bodies", says why).
     cache_dir: where compiled programs are kept on disk and found again by what they were
         compiled from (fmecompile/compile_cache.py): a path; "auto" (the default): the
         FME_CACHE_DIR environment variable, else the user's cache directory
@@ -82,6 +89,7 @@ class Config:
     group_patterns: tuple[str, ...] | None = None
     check: bool = False
     cuda_graphs: bool = True
+    inductor_bodies: bool = False
     parallel: tuple[str, ...] = ()
     cache_dir: str | None = AUTO
 
@@ -91,13 +99,17 @@ class Config:
             _check_positive_int(name, getattr(self, name))
         for name in ("memory_budget", "free_memory"):
             self._parse_size(name)
-        for name in ("check", "cuda_graphs"):
+        for name in ("check", "cuda_graphs", "inductor_bodies"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.schedule is not None:
             object.__setattr__(self, "schedule", _normalize_schedule(self.schedule))
         self._check_rehash_fields()
         object.__setattr__(self, "parallel", _normalize_names("parallel", self.parallel, PARALLEL_KINDS))
+        if self.inductor_bodies and self.parallel:
+            # a parallel run interprets loop bodies itself (runtime/sharded.py)
+            raise ConfigError(f"inductor_bodies=True runs loop bodies as compiled code, which a parallel "
+                              f"run (parallel={self.parallel!r}) cannot share across ranks; use one of them")
         if self.cache_dir is not None:
             if not isinstance(self.cache_dir, (str, os.PathLike)) or not str(self.cache_dir):
                 raise ConfigError(f"cache_dir must be a directory path, \"auto\" or None, got {self.cache_dir!r}")

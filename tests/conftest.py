@@ -115,6 +115,8 @@ SLOW = {
     # spawned gloo ranks: 4 or 2 cases per world size, 12 fuzzed programs on 2 (a 2-rank case stays quick)
     "test_distributed.py::test_shared_programs_equal_one_process_on_every_rank[[]*": "spawned ranks",
     # Inductor compiles the stock model (the ablation table test keeps an Inductor row's code path)
+    # Inductor compiles every loop body of a tiny model (test_inductor_bodies' TemporalBlock cases stay quick)
+    "test_inductor_bodies.py::test_tiny_models_with_inductor_bodies_are_exact[[]*": "inductor",
     "test_inductor_row.py::test_inductor_row_runs_compiled_code_and_is_metered_by_the_allocator": "inductor",
     # the group kernels under the Triton interpreter on a whole UNet (test_kernels checks each kernel)
     "test_group.py::test_group_runs_the_kernels_on_a_whole_model": "triton interpreter",

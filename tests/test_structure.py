@@ -28,6 +28,7 @@ LAYERS = [
                              "fmecompile.kernels.*")),
     ("passes", ("fmecompile.passes.*",)),
     ("runtime", ("fmecompile.contract", "fmecompile.runtime.cuda_graphs", "fmecompile.runtime.capture_safety",
+                 "fmecompile.runtime.inductor_bodies",
                  "fmecompile.rehash", "fmecompile.runtime.program")),
     ("program files", ("fmecompile.graph_file", "fmecompile.archive", "fmecompile.compile_cache")),
     ("compiled modules", ("fmecompile.compiled", "fmecompile.backend")),

@@ -24,6 +24,7 @@ from ..capture import Captured
 from ..config import Config
 from .cuda_graphs import GraphReplay
 from .distributed import check_available, parallel_run
+from .inductor_bodies import BodyRecord, describe, runtime_graph
 from ..ir import BUFFER, CONSTANT, PARAMETER, GraphInput, graph_inputs
 from ..rehash import RehashExecutor, StepRunner
 
@@ -71,7 +72,12 @@ class Program:
         # Each graph through a CUDA graph where it can be captured (at its first call); a
         # parallel run's collectives stay outside graphs.
         check_available(config.parallel)
-        self.replays = {name: GraphReplay(gm, config) for name, gm in graphs.items()}
+        # What runs: the graphs, or their copies with loop bodies through Inductor.
+        self.bodies: dict[str, list[BodyRecord]] = {}
+        self.replays = {}
+        for name, gm in graphs.items():
+            runtime, self.bodies[name] = runtime_graph(gm, config.inductor_bodies)
+            self.replays[name] = GraphReplay(runtime, config)
         self.executor = executor_for(graphs, steps, self.replays)
         # What each placeholder of the main graph is: the passes keep the captured roles.
         self.inputs = graph_inputs(self.executor.main_graph)
@@ -89,6 +95,13 @@ class Program:
     def cuda_graphs(self) -> dict[str, str | None]:
         """Per graph: "captured", or why it runs without a CUDA graph (None: not called yet)."""
         return {name: replay.status for name, replay in self.replays.items()}
+
+    def inductor_bodies(self) -> dict[str, dict[str, Any]] | None:
+        """Per graph: which loop bodies Inductor compiles and its seconds so far (it
+        compiles at a body's first call); None without Config(inductor_bodies=True)."""
+        if not self.config.inductor_bodies:
+            return None
+        return {name: describe(records) for name, records in self.bodies.items()}
 
     @property
     def graph_module(self) -> fx.GraphModule:
