@@ -262,13 +262,14 @@ def gn_apply_reference(x: Tensor, moments: Tensor, weight: Tensor | None, bias: 
     if weight is not None:
         scale = scale * weight.to(working)
     shape = tuple(x.shape[:2]) + (1,) * (x.dim() - 2)
-    y = torch.sub(x, centre.reshape(shape))  # in the working dtype: centre is in it
+    # contiguous whatever x's layout, as the kernels' outputs (and the op's fake) are
+    y = torch.sub(x, centre.reshape(shape), out=torch.empty(x.shape, dtype=working, device=x.device))
     y.mul_(scale.reshape(shape))
     if bias is not None:
         y.add_(bias.to(working).reshape((1, x.shape[1]) + (1,) * (x.dim() - 2)))
     if silu:
         y = F.silu(y, inplace=True)
-    return y.to(x.dtype, memory_format=torch.contiguous_format)
+    return y.to(x.dtype)
 
 
 def group_norm_reference(x: Tensor, num_groups: int, weight: Tensor | None, bias: Tensor | None,
@@ -284,7 +285,8 @@ def group_norm_reference(x: Tensor, num_groups: int, weight: Tensor | None, bias
     out = torch.group_norm(y, num_groups, as_working(weight), as_working(bias), eps, False)
     if silu:
         out = F.silu(out, inplace=True)
-    return out.to(x.dtype, memory_format=torch.contiguous_format)
+    # .to keeps a same-dtype tensor as it is, whatever memory_format it is given
+    return out.to(x.dtype).contiguous()
 
 
 # ----------------------------------------------------------------------------- ops

@@ -428,3 +428,23 @@ def test_export_save_load_round_trip(tmp_path):
                             text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip() == "ok"
+
+
+@pytest.mark.parametrize("silu", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_group_norm_references_return_what_the_fakes_say_on_a_strided_input(dtype, silu, monkeypatch):
+    """A loop body hands the norms a permuted chunk (channels before frames): the references,
+    which the CPU runs, return the contiguous tensor the fakes promise (Inductor's code checks
+    the strides against them), with the values of F.group_norm."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # the references, as the CPU runs them
+    x = rand((1, 3, 16, 4, 5), dtype, seed=3).permute(0, 2, 1, 3, 4)  # (N, C, F, H, W), strided
+    weight, bias, pre_add = rand((16,), seed=4), rand((16,), seed=5), rand((1, 16, 1, 1, 1), seed=6)
+    moments = fme.gn_moments(x.float() + pre_add, 4)
+    for out in (fme.gn_apply(x, moments, weight, bias, 4, 1e-5, silu, pre_add),
+                fme.group_norm(x, 4, weight, bias, 1e-5, silu, pre_add)):
+        assert out.is_contiguous() and out.dtype == dtype
+        want = F.group_norm(x.double() + pre_add.double(), 4, weight.double(), bias.double(), 1e-5)
+        want = F.silu(want) if silu else want
+        assert (out.double() - want).norm() / want.norm() <= TOL[dtype]
+    torch.library.opcheck(torch.ops.fme.gn_apply.default, (x, moments, weight, bias, 4, 1e-5, silu, pre_add),
+                          test_utils=("test_schema", "test_faketensor"))
