@@ -39,6 +39,7 @@ from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
 from ..errors import FmeError
 from ..ir import is_view_op
+from ..passes.mutation import writes_in_place
 from .loop import ChunkLoop, loop_of
 
 log = logging.getLogger("fmecompile")
@@ -215,18 +216,11 @@ def _outer_nodes(body: fx.GraphModule, buffers: set[fx.Node]) -> tuple[set[fx.No
             if any(i in rooted_at_buffer for i in inputs):
                 rooted_at_buffer.add(node)
             continue
-        if _writes(node):
+        if node.target not in _INT_OPS and writes_in_place(node):
             return outer, f"{node.name} ({node.target}) writes in place"
         if any(i in rooted_at_buffer for i in inputs):
             return outer, f"{node.name} reads an output buffer of the loop"
     return outer, None
-
-
-def _writes(node: fx.Node) -> bool:
-    schema = getattr(node.target, "_schema", None)
-    if schema is None:
-        return node.target not in _INT_OPS
-    return any(a.alias_info is not None and a.alias_info.is_write for a in schema.arguments)
 
 
 def describe(records: list[BodyRecord]) -> dict[str, Any]:
